@@ -1,0 +1,40 @@
+"""The `dreambooth-lora` command. Each stage registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .fixtures import cli as fixtures_cli
+    from .models import cli as models_cli
+
+    parser = argparse.ArgumentParser(
+        prog="dreambooth-lora",
+        description="DreamBooth LoRA for Stable Diffusion 1.x / 2.x / XL: the command-line side of the ComfyUI pack.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in (models_cli, fixtures_cli):
+        stage.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except UserError as err:
+        # Bad input is the user's to fix: one sentence, no traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

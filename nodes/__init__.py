@@ -1,0 +1,16 @@
+"""ComfyUI nodes: thin adapters from ComfyUI types to the core packages.
+
+Only imported by ComfyUI (through ``comfy_entrypoint`` in the pack's ``__init__.py``).
+Node IDs and custom types carry the ``DBLoRA_`` prefix: core ComfyUI already owns names
+such as ``TrainLoraNode`` and silently wins any clash.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .models import InspectCheckpoint
+
+
+
+class DreamBoothLoRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [InspectCheckpoint]
