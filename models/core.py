@@ -10,6 +10,7 @@ is downloaded, so ``HF_HUB_OFFLINE`` does not matter.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import time
@@ -422,14 +423,23 @@ class CheckpointInfo:
 
 
 def _component_params(shapes: Mapping, prefix: str, skip: Callable[[str], bool] = lambda k: False) -> int:
-    total = 0
-    for key, shape in shapes.items():
-        if key.startswith(prefix) and not skip(key):
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-    return total
+    return sum(math.prod(shape) for key, shape in shapes.items() if key.startswith(prefix) and not skip(key))
+
+
+def _unused_by(spec: "TextEncoderSpec", shapes: Mapping) -> Callable[[str], bool]:
+    """Which of a text encoder's file tensors the loaded model does not use (not counted)."""
+    layers = layouts.open_clip_layer_count(shapes, spec.checkpoint_prefix)
+    first_unused = layers - spec.unused_checkpoint_layers
+    resblock = re.compile(re.escape(spec.checkpoint_prefix) + r"transformer\.resblocks\.(\d+)\.")
+
+    def unused(key: str) -> bool:
+        if key.endswith(("position_ids", "logit_scale")):
+            return True
+        if spec.model_class == "CLIPTextModel" and key.endswith("text_projection"):
+            return True
+        match = resblock.match(key)
+        return bool(match and int(match[1]) >= first_unused)
+    return unused
 
 
 def _group_key(key: str) -> str:
@@ -462,19 +472,8 @@ def _inspect_indexed(index: TensorIndex, family: str, prediction_type: str) -> C
               "vae": _component_params(index.shapes, layouts.VAE_PREFIX)}
     used_prefixes = [layouts.UNET_PREFIX, layouts.VAE_PREFIX]
     for spec in specs:
-        P = spec.checkpoint_prefix
-        unused = spec.unused_checkpoint_layers
-        layers = layouts.open_clip_layer_count(index.shapes, P) if spec.layout == "open_clip" else 0
-
-        def skip(k, P=P, unused=unused, layers=layers):
-            if k.endswith(("position_ids", "logit_scale")):
-                return True
-            if spec.model_class == "CLIPTextModel" and k.endswith("text_projection"):
-                return True
-            m = re.match(re.escape(P) + r"transformer\.resblocks\.(\d+)\.", k)
-            return bool(m and int(m[1]) >= layers - unused)
-        counts[spec.name] = _component_params(index.shapes, P, skip)
-        used_prefixes.append(P)
+        counts[spec.name] = _component_params(index.shapes, spec.checkpoint_prefix, _unused_by(spec, index.shapes))
+        used_prefixes.append(spec.checkpoint_prefix)
     ignored = Counter(_group_key(k) for k in index.shapes if not k.startswith(tuple(used_prefixes)))
     unet_dtypes = Counter(index.dtypes[k] for k in index.shapes if k.startswith(layouts.UNET_PREFIX))
     info = CheckpointInfo(
@@ -529,7 +528,7 @@ def inspect_diffusers_folder(path: str | Path) -> CheckpointInfo:
     for component in ["unet", "vae"] + [s.name for s in specs]:
         total = 0
         for weights in sorted((path / component).glob("*.safetensors")):
-            total += sum(_numel(s) for s in index_checkpoint(weights).shapes.values())
+            total += sum(math.prod(s) for s in index_checkpoint(weights).shapes.values())
         counts[component] = total
     resolution = unet_config.get("sample_size", 64) * 8
     return CheckpointInfo(
@@ -541,13 +540,6 @@ def inspect_diffusers_folder(path: str | Path) -> CheckpointInfo:
         file_dtype=str(index_json.get("_dtype", "see weights")), unet_config=unet_config,
         vae_config=vae_config, text_encoders=specs, param_counts=counts,
         matches_reference_sizes=_same_sizes(unet_config, template["unet"]))
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def inspect(path: str | Path, prediction_type: str = "auto") -> CheckpointInfo:
@@ -619,7 +611,7 @@ def text_encoder_checkpoint_keys(spec: TextEncoderSpec, model_keys) -> dict[str,
     """HF-layout text encoder: model key → single-file key."""
     if spec.has_text_model_prefix:
         return {k: layouts.hf_clip_key_to_ldm(k, spec.checkpoint_prefix) for k in model_keys}
-    return {k: spec.checkpoint_prefix + layouts._strip_text_model(k) for k in model_keys}
+    return {k: spec.checkpoint_prefix + layouts.strip_text_model(k) for k in model_keys}
 
 
 def load_single_file(path: str | Path, dtype: torch.dtype, prediction_type: str = "auto") -> BaseModel:

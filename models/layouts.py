@@ -136,7 +136,7 @@ def is_vae_attention_projection(diffusers_key: str) -> bool:
 # --- Text encoders ------------------------------------------------------------------
 
 
-def _strip_text_model(key: str) -> str:
+def strip_text_model(key: str) -> str:
     # transformers 5 dropped the ``text_model.`` level from CLIPTextModel (not from
     # CLIPTextModelWithProjection); single-file checkpoints always carry it.
     return key[len("text_model."):] if key.startswith("text_model.") else key
@@ -144,7 +144,7 @@ def _strip_text_model(key: str) -> str:
 
 def hf_clip_key_to_ldm(key: str, prefix: str) -> str:
     """transformers CLIP text key → single-file key (HF layout under ``prefix``)."""
-    return f"{prefix}text_model.{_strip_text_model(key)}"
+    return f"{prefix}text_model.{strip_text_model(key)}"
 
 
 _OPEN_CLIP_LAYER_RENAMES = {
@@ -189,7 +189,7 @@ def open_clip_to_hf(checkpoint: Mapping[str, torch.Tensor], prefix: str, num_lay
 
 def hf_to_open_clip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """transformers CLIP text keys → OpenCLIP single-file keys (inverse of ``open_clip_to_hf``)."""
-    state = {_strip_text_model(k): v for k, v in state.items()}
+    state = {strip_text_model(k): v for k, v in state.items()}
     out = {
         prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
         prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
