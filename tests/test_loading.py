@@ -161,3 +161,18 @@ def test_loading_never_touches_the_network(tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     for path in tiny.values():
         core.load_base_model(path)
+
+
+def test_old_sd1_text_encoder_layout_without_text_model_level(tiny, tmp_path):
+    """Some early SD1 files store the CLIP text encoder as cond_stage_model.transformer.encoder.…"""
+    from safetensors.torch import load_file, save_file
+
+    prefix = "cond_stage_model.transformer."
+    tensors = {(prefix + k[len(prefix + "text_model."):] if k.startswith(prefix + "text_model.") else k): v
+               for k, v in load_file(str(tiny["sd1-tiny"])).items()}
+    assert not any(k.startswith(prefix + "text_model.") for k in tensors)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old))
+    a = core.load_base_model(tiny["sd1-tiny"]).text_encoders[0].state_dict()
+    b = core.load_base_model(old).text_encoders[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
