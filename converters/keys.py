@@ -1,0 +1,71 @@
+"""kohya / A1111 LoRA module names ⇄ our module paths.
+
+We write what kohya's sd-scripts writes (see ../shared/reference/lora-format.md §1):
+- SD1.x / SD2.x UNet: diffusers module paths, ``lora_unet_down_blocks_0_attentions_0_…``;
+- SDXL UNet: LDM module paths, ``lora_unet_input_blocks_4_1_…``;
+- text encoders: ``lora_te_`` (one encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL), always
+  with ``text_model_`` (transformers 5 dropped that level from CLIPTextModel; every loader
+  still expects it).
+
+Reading is more forgiving: both UNet namings, and ``lora_te1_`` or a missing ``text_model_``
+for single-encoder families, as ComfyUI and A1111 accept them.
+
+A *module path* is the dotted name of a Linear/Conv2d inside its component (``unet``,
+``text_encoder``, ``text_encoder_2``); text-encoder paths are kept without ``text_model.``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from ..models import layouts
+
+UNET_PREFIX = "lora_unet_"
+TEXT_PREFIXES = {
+    "sd1": {"text_encoder": "lora_te_"},
+    "sd2": {"text_encoder": "lora_te_"},
+    "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+}
+
+
+def canonical_path(component: str, path: str) -> str:
+    return layouts.strip_text_model(path) if component != "unet" else path
+
+
+def ldm_module_path(path: str, unet_layout: Mapping) -> str:
+    """diffusers UNet module path → LDM module path (``down_blocks.1.attentions.0.proj_in`` →
+    ``input_blocks.4.1.proj_in``), by the same rules the checkpoint loader uses."""
+    up_attention = [t.startswith("CrossAttn") for t in unet_layout["up_block_types"]]
+    key = layouts.unet_key_to_ldm(path + ".weight", unet_layout["layers_per_block"], up_attention)
+    return key[len(layouts.UNET_PREFIX):-len(".weight")]
+
+
+def kohya_name(family: str, component: str, path: str, unet_layout: Mapping) -> str:
+    """The module name kohya would write for ``component``/``path``."""
+    if component == "unet":
+        if family == "sdxl":
+            path = ldm_module_path(path, unet_layout)
+        return UNET_PREFIX + path.replace(".", "_")
+    return TEXT_PREFIXES[family][component] + "text_model_" + canonical_path(component, path).replace(".", "_")
+
+
+def accepted_names(family: str, modules: Iterable[tuple[str, str]], unet_layout: Mapping) -> dict[str, tuple[str, str]]:
+    """Every module name a file may use → (component, path), for the given model structure."""
+    names: dict[str, tuple[str, str]] = {}
+    for component, path in modules:
+        target = (component, canonical_path(component, path))
+        if component == "unet":
+            names[UNET_PREFIX + path.replace(".", "_")] = target
+            try:
+                names[UNET_PREFIX + ldm_module_path(path, unet_layout).replace(".", "_")] = target
+            except KeyError:
+                pass  # a module with no LDM counterpart keeps only its diffusers name
+        else:
+            flat = target[1].replace(".", "_")
+            prefixes = {TEXT_PREFIXES[family][component]}
+            if family != "sdxl":
+                prefixes.add("lora_te1_")  # ComfyUI accepts it for SD1; some tools write it
+            for prefix in prefixes:
+                names[prefix + "text_model_" + flat] = target
+                names[prefix + flat] = target
+    return names

@@ -1,0 +1,63 @@
+"""LoRA file metadata that UIs read: kohya ``ss_*`` keys and Stability's ``modelspec.*``.
+
+A1111 decides which base a LoRA belongs to from ``ss_base_model_version`` (``sdxl_…``) and
+``ss_v2``; any metadata without them reads as SD1, and the LoRA is then hidden on SD2/SDXL
+checkpoints. ``ss_output_name`` is A1111's prompt alias. ComfyUI reads no metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Mapping
+
+from .core import Adapter
+
+BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+
+
+def build_metadata(adapter: Adapter, data_hash: str, output_name: str, *, prediction_type: str = "epsilon",
+                   title: str | None = None, trigger_phrase: str | None = None, comment: str | None = None,
+                   hyperparameters: Mapping | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    family = adapter.family
+    v_model = family == "sd2" and prediction_type == "v_prediction"
+    summary = adapter.summary()
+    conv = [m for m in adapter.modules.values() if m.tensors["lora_down"].ndim == 4 and m.tensors["lora_down"].shape[-1] > 1]
+    network_args = {}
+    if conv:
+        # kohya has one conv rank; with mixed ranks, report the most common (as for ss_network_dim)
+        network_args = {"conv_dim": str(Counter(m.rank for m in conv).most_common(1)[0][0]),
+                        "conv_alpha": str(Counter(m.alpha for m in conv).most_common(1)[0][0])}
+    architecture = "stable-diffusion-v2-768-v" if v_model else ARCHITECTURE[family]
+    resolution = 768 if v_model else RESOLUTION[family]
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(summary["rank"]),
+        "ss_network_alpha": str(summary["alpha"]),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": BASE_VERSION[family] + ("_v" if v_model else ""),
+        "ss_v2": str(family == "sd2"),
+        "ss_output_name": output_name,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "sshs_model_hash": data_hash,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{architecture}/lora",
+        # kohya names SD1/SD2 UNet modules the diffusers way and SDXL ones the LDM (sgm) way
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": title or output_name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.hash_sha256": "0x" + data_hash,
+    }
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    if comment:
+        meta["ss_training_comment"] = comment
+    if hyperparameters is not None:
+        meta["dreambooth_lora.hyperparameters"] = json.dumps(dict(hyperparameters), sort_keys=True, default=str)
+    meta.update(extra or {})
+    return meta
