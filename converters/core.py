@@ -37,28 +37,82 @@ class LoraFormatError(UserError):
     """A LoRA file we cannot read, or one that does not fit the base model."""
 
 
+LORA_TENSORS = ("lora_down", "lora_up", "dora_scale")
+LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
 @dataclass
 class AdapterModule:
+    """One adapted layer, in the LyCORIS/kohya vocabulary that ComfyUI and A1111 load:
+    LoRA ``lora_down``/``lora_up`` (+ DoRA ``dora_scale``), LoHa ``hada_*``, LoKr ``lokr_*``.
+    ``alpha`` follows the loaders' rule: scale = alpha / rank, where a LoKr's rank is the
+    inner size of its decomposed factor, and a LoKr without one has no alpha (scale 1)."""
+
     component: str  # unet | text_encoder | text_encoder_2
     path: str  # module path inside the component (text encoders: without "text_model.")
-    tensors: dict[str, torch.Tensor]  # "lora_down", "lora_up"
-    alpha: float  # kohya alpha: scale = alpha / rank
+    tensors: dict[str, torch.Tensor]
+    alpha: float | None
 
     @property
-    def rank(self) -> int:
-        return self.tensors["lora_down"].shape[0]
+    def algorithm(self) -> str:
+        if "lora_down" in self.tensors:
+            return "lora"
+        return "loha" if "hada_w1_a" in self.tensors else "lokr"
+
+    @property
+    def rank(self) -> int | None:
+        t = self.tensors
+        if "lora_down" in t:
+            return t["lora_down"].shape[0]
+        if "hada_w1_b" in t:
+            return t["hada_w1_b"].shape[0]
+        for name in ("lokr_w1_b", "lokr_w2_b"):
+            if name in t:
+                return t[name].shape[0]
+        return None
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / self.rank if self.alpha is not None and self.rank else 1.0
 
-    def delta(self) -> torch.Tensor:
-        """ΔW as it is added to the module's weight at strength 1."""
-        down, up = self.tensors["lora_down"].float(), self.tensors["lora_up"].float()
-        if down.ndim == 2:
-            return self.scale * up @ down
-        # Conv: down is [r, in, kh, kw], up is [out, r, 1, 1]
-        return self.scale * torch.einsum("or,rikl->oikl", up.flatten(1), down)
+    @property
+    def is_3x3_conv(self) -> bool:
+        down = self.tensors.get("lora_down", self.tensors.get("hada_t1", self.tensors.get("lokr_w2")))
+        return down is not None and down.ndim == 4 and down.shape[-1] > 1
+
+    def delta(self, weight_shape: tuple[int, ...]) -> torch.Tensor:
+        """ΔW as loaders add it to a weight of ``weight_shape`` at strength 1 (not for DoRA,
+        whose result also renormalises W)."""
+        t = {k: v.float() for k, v in self.tensors.items()}
+        if self.algorithm == "lora":
+            down, up = t["lora_down"], t["lora_up"]
+            product = up.flatten(1) @ down.flatten(1)
+        elif self.algorithm == "loha":
+            product = _hada_factor(t, "1") * _hada_factor(t, "2")
+        else:
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            w2 = _lokr_w2(t)
+            if len(weight_shape) == 4 and w2.ndim == 2:  # non-Tucker conv: w2 is [out2, in2·kh·kw]
+                w2 = w2.reshape(w2.shape[0], -1, *weight_shape[2:])
+            # conv: the kernel stays on w2's side, as LyCORIS and ComfyUI build it
+            product = torch.kron(w1[..., None, None], w2) if w2.ndim == 4 else torch.kron(w1, w2)
+        return self.scale * product.reshape(weight_shape)
+
+
+def _hada_factor(t: Mapping[str, torch.Tensor], i: str) -> torch.Tensor:
+    a, b = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+    if f"hada_t{i}" in t:  # Tucker conv: a [r, out], b [r, in], t [r, r, kh, kw]
+        return torch.einsum("ijkl,jr,ip->prkl", t[f"hada_t{i}"], b, a)
+    return a @ b
+
+
+def _lokr_w2(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if "lokr_w2" in t:
+        return t["lokr_w2"]
+    if "lokr_t2" in t:
+        return torch.einsum("ijkl,jr,ip->prkl", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"])
+    return t["lokr_w2_a"] @ t["lokr_w2_b"]
 
 
 @dataclass
@@ -74,16 +128,17 @@ class Adapter:
     def summary(self) -> dict[str, Any]:
         ranks = Counter(m.rank for m in self.modules.values())
         alphas = Counter(m.alpha for m in self.modules.values())
+        algorithms = Counter(m.algorithm for m in self.modules.values())
         return {
             "family": self.family,
-            "algorithm": "lora",
+            "algorithm": "+".join(sorted(algorithms)) or "lora",
+            "dora": any("dora_scale" in m.tensors for m in self.modules.values()),
             "modules": dict(Counter(component for component, _ in self.modules)),
             "rank": ranks.most_common(1)[0][0] if ranks else None,
-            "ranks": dict(ranks),
+            "ranks": {str(k): v for k, v in ranks.items()},
             "alpha": alphas.most_common(1)[0][0] if alphas else None,
             "alphas": {str(k): v for k, v in alphas.items()},
-            "conv_modules": sum(m.tensors["lora_down"].ndim == 4 and m.tensors["lora_down"].shape[-1] > 1
-                                for m in self.modules.values()),
+            "conv_modules": sum(m.is_3x3_conv for m in self.modules.values()),
         }
 
 
@@ -141,7 +196,8 @@ def structure_of_base(base) -> Structure:
 
 # --- PEFT ⇄ Adapter -----------------------------------------------------------------
 
-_PEFT_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.default)?\.weight$")
+_PEFT_KEY = re.compile(r"(?P<path>.+)\.(?P<name>lora_A|lora_B|lora_magnitude_vector|hada_\w+|lokr_\w+)(?:\.default)?(?:\.weight)?$")
+_PEFT_TO_KOHYA = {"lora_A": "lora_down", "lora_B": "lora_up", "lora_magnitude_vector": "dora_scale"}
 
 
 def _pattern_value(path: str, pattern: Mapping[str, Any], default: Any) -> Any:
@@ -152,33 +208,61 @@ def _pattern_value(path: str, pattern: Mapping[str, Any], default: Any) -> Any:
     return default
 
 
+def _module_from_peft(component: str, path: str, tensors: dict[str, torch.Tensor], config: Mapping) -> AdapterModule:
+    """One PEFT layer → the loaders' form. The PEFT scale is alpha/r (alpha/sqrt(r) with rsLoRA),
+    r being the configured rank; we store the alpha that gives that scale under the loaders' rule."""
+    r = int(_pattern_value(path, config.get("rank_pattern"), config.get("r", 8)))
+    alpha = float(_pattern_value(path, config.get("alpha_pattern"), config.get("lora_alpha", config.get("alpha", r))))
+    peft_scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    canonical = keys.canonical_path(component, path)
+    if "dora_scale" in tensors:
+        # peft keeps the magnitude as [out] (Linear) or [1, out, 1, 1] (Conv); LyCORIS and
+        # ComfyUI read an output-axis dora_scale as [out, 1] / [out, 1, 1, 1]
+        magnitude = tensors["dora_scale"]
+        tensors["dora_scale"] = magnitude.reshape(-1, 1) if magnitude.ndim == 1 else magnitude.reshape(-1, 1, 1, 1)
+    module = AdapterModule(component, canonical, tensors, None)
+    if module.algorithm == "lokr":
+        if "lokr_t2" in tensors:
+            # ComfyUI 0.3.75 fails on Tucker LoKr (torch.kron of a non-contiguous view); a full
+            # w2 gives the same delta everywhere
+            tensors["lokr_w2"] = _lokr_w2(tensors).contiguous()
+            for name in ("lokr_w2_a", "lokr_w2_b", "lokr_t2"):
+                tensors.pop(name)
+        if module.rank is None:
+            # no decomposed factor: loaders apply scale 1, so the PEFT scale goes into w1
+            tensors["lokr_w1"] = tensors["lokr_w1"] * peft_scale
+            return module
+    else:
+        rank = module.rank
+        if module.algorithm == "lora" and rank != r:
+            raise LoraFormatError(f"{component}.{path}: lora_A has rank {rank} but the config says {r}.")
+    module.alpha = peft_scale * module.rank
+    return module
+
+
 def from_peft(family: str, unet_layout: Mapping, components: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping]]) -> Adapter:
-    """Build an adapter from PEFT state dicts (``get_peft_model_state_dict``) and their LoraConfig dicts."""
+    """Build an adapter from PEFT state dicts (``get_peft_model_state_dict``) and their config dicts
+    (LoraConfig with or without DoRA, LoHaConfig, LoKrConfig)."""
     modules: dict[tuple[str, str], AdapterModule] = {}
     for component, (state, config) in components.items():
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             match = _PEFT_KEY.match(key)
             if not match:
-                if key.endswith(("lora_magnitude_vector", ".lora_magnitude_vector.weight")):
-                    raise LoraFormatError(f"{component}: DoRA adapters are not exported yet; train without use_dora.")
-                raise LoraFormatError(f"{component}: unexpected PEFT key {key!r}; only LoRA (lora_A/lora_B) adapters convert.")
-            name = "lora_down" if match["kind"] == "lora_A" else "lora_up"
-            grouped.setdefault(match["path"], {})[name] = tensor
+                raise LoraFormatError(f"{component}: unexpected PEFT key {key!r}; LoRA, DoRA, LoHa and LoKr adapters convert.")
+            grouped.setdefault(match["path"], {})[_PEFT_TO_KOHYA.get(match["name"], match["name"])] = tensor
         for path, tensors in grouped.items():
-            if set(tensors) != {"lora_down", "lora_up"}:
-                raise LoraFormatError(f"{component}.{path}: has {sorted(tensors)} but needs both lora_A and lora_B.")
-            rank = tensors["lora_down"].shape[0]
-            alpha = float(_pattern_value(path, config.get("alpha_pattern"), config.get("lora_alpha", rank)))
-            # kohya's scale is alpha/rank; rsLoRA's is alpha/sqrt(rank): store the alpha that gives the same scale
-            scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-            canonical = keys.canonical_path(component, path)
-            modules[(component, canonical)] = AdapterModule(component, canonical, tensors, scale * rank)
+            if "lora_down" in tensors or "lora_up" in tensors:
+                if not {"lora_down", "lora_up"} <= set(tensors):
+                    raise LoraFormatError(f"{component}.{path}: has {sorted(tensors)} but needs both lora_A and lora_B.")
+            module = _module_from_peft(component, path, dict(tensors), config)
+            modules[(component, module.path)] = module
     return Adapter(family, modules, dict(unet_layout))
 
 
 def to_peft(adapter: Adapter, component: str, model_paths: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """PEFT state dict and LoraConfig kwargs for one component.
+    """PEFT state dict and config kwargs for one component (LoRA/DoRA: LoraConfig; LoHa/LoKr:
+    their configs, ``alpha`` in place of ``lora_alpha``).
 
     ``model_paths`` are the module names of the model it will be injected into, so that a
     text-encoder path gains its ``text_model.`` level where the model has one.
@@ -192,23 +276,38 @@ def to_peft(adapter: Adapter, component: str, model_paths: set[str] | None = Non
             return path
         return "text_model." + path
 
+    # PEFT's rank is r, and its scale alpha/r; a LoKr without a decomposed factor already
+    # carries its scale in w1, so it gets alpha = r.
+    peft_rank = {id(m): m.rank or 1 for m in chosen}
+    peft_alpha = {id(m): m.scale * peft_rank[id(m)] for m in chosen}
     # The most common rank and alpha become the defaults; the rest go into peft's patterns,
     # which peft matches as regex suffixes of module paths: an escaped full path is exact.
-    ranks = Counter(m.rank for m in chosen)
-    alphas = Counter(m.alpha for m in chosen)
+    ranks = Counter(peft_rank.values())
+    alphas = Counter(peft_alpha.values())
     r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     state, targets, rank_pattern, alpha_pattern = {}, [], {}, {}
     for module in chosen:
         path = real_path(module.path)
         targets.append(path)
-        state[f"{path}.lora_A.weight"] = module.tensors["lora_down"]
-        state[f"{path}.lora_B.weight"] = module.tensors["lora_up"]
-        if module.rank != r:
-            rank_pattern[re.escape(path)] = module.rank
-        if module.alpha != alpha:
-            alpha_pattern[re.escape(path)] = module.alpha
-    config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(targets),
+        for name, tensor in module.tensors.items():
+            if name == "lora_down":
+                state[f"{path}.lora_A.weight"] = tensor
+            elif name == "lora_up":
+                state[f"{path}.lora_B.weight"] = tensor
+            elif name == "dora_scale":
+                shape = (-1,) if module.tensors["lora_down"].ndim == 2 else (1, -1, 1, 1)
+                state[f"{path}.lora_magnitude_vector"] = tensor.reshape(shape)
+            else:
+                state[f"{path}.{name}"] = tensor
+        if peft_rank[id(module)] != r:
+            rank_pattern[re.escape(path)] = peft_rank[id(module)]
+        if peft_alpha[id(module)] != alpha:
+            alpha_pattern[re.escape(path)] = peft_alpha[id(module)]
+    algorithm = chosen[0].algorithm
+    config = {"r": r, "lora_alpha" if algorithm == "lora" else "alpha": alpha, "target_modules": sorted(targets),
               "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    if any("dora_scale" in m.tensors for m in chosen):
+        config["use_dora"] = True
     return state, config
 
 
@@ -235,22 +334,26 @@ def inject(adapter: Adapter, component: str, model: torch.nn.Module, adapter_nam
 
 
 def to_kohya(adapter: Adapter, dtype: torch.dtype = torch.float16, bake_alpha: bool = False) -> dict[str, torch.Tensor]:
-    """kohya tensors. ``bake_alpha`` folds alpha/rank into ``lora_up`` and writes alpha = rank:
-    the same delta in every loader, including diffusers 0.42, which misapplies per-module alphas."""
+    """kohya/LyCORIS tensors. ``bake_alpha`` folds a LoRA's alpha/rank into ``lora_up`` and writes
+    alpha = rank: the same delta in every loader, including diffusers 0.42, which misapplies
+    per-module alphas."""
     out = {}
     for module in adapter.modules.values():
         name = keys.kohya_name(adapter.family, module.component, module.path, adapter.unet_layout)
-        up, alpha = module.tensors["lora_up"], module.alpha
-        if bake_alpha:
-            up, alpha = up.float() * module.scale, float(module.rank)
-        out[f"{name}.lora_down.weight"] = module.tensors["lora_down"].to(dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-        # alpha stays float32: every loader calls .item() on it, and bf16 loses precision above 256
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        alpha = module.alpha
+        for tensor_name, tensor in module.tensors.items():
+            if bake_alpha and tensor_name == "lora_up":
+                tensor, alpha = tensor.float() * module.scale, float(module.rank)
+            suffix = ".weight" if tensor_name in ("lora_down", "lora_up") else ""
+            # DoRA magnitudes stay fp32, as LyCORIS stores them
+            out[f"{name}.{tensor_name}{suffix}"] = tensor.to(torch.float32 if tensor_name == "dora_scale" else dtype).contiguous()
+        if alpha is not None:
+            # alpha stays float32: every loader calls .item() on it, and bf16 loses precision above 256
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
-_KOHYA_KEY = re.compile(r"(?P<module>lora_(?:unet|te\d?)_[^.]+)\.(?P<tensor>lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_KEY = re.compile(r"(?P<module>lora_(?:unet|te\d?)_[^.]+)\.(?P<tensor>lora_down\.weight|lora_up\.weight|alpha|dora_scale|hada_\w+|lokr_\w+)$")
 
 
 def guess_family(names: list[str], shapes: Mapping[str, tuple]) -> str | None:
@@ -288,12 +391,17 @@ def from_kohya(tensors: Mapping[str, torch.Tensor], structure: Structure, path: 
                   unmatched, len(grouped))
     modules = {}
     for name, parts in grouped.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise LoraFormatError(f"{path}: module {name!r} lacks lora_down or lora_up; the file is incomplete.")
+        tensors = {k.removesuffix(".weight"): v for k, v in parts.items() if k != "alpha"}
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else None
         component, module_path = names[name]
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])  # no alpha: scale 1
-        modules[(component, module_path)] = AdapterModule(component, module_path, {"lora_down": down, "lora_up": up}, alpha)
+        module = AdapterModule(component, module_path, tensors, alpha)
+        if module.algorithm == "lora" and not {"lora_down", "lora_up"} <= set(tensors):
+            raise LoraFormatError(f"{path}: module {name!r} lacks lora_down or lora_up; the file is incomplete.")
+        if module.algorithm == "loha" and not {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(tensors):
+            raise LoraFormatError(f"{path}: LoHa module {name!r} lacks one of hada_w1_a/w1_b/w2_a/w2_b; the file is incomplete.")
+        if alpha is None and module.algorithm != "lokr":
+            module.alpha = float(module.rank)  # no alpha means scale 1, for kohya, ComfyUI and A1111 alike
+        modules[(component, module_path)] = module
     return Adapter(structure.family, modules, structure.unet_layout)
 
 

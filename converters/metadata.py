@@ -25,16 +25,20 @@ def build_metadata(adapter: Adapter, data_hash: str, output_name: str, *, predic
     family = adapter.family
     v_model = family == "sd2" and prediction_type == "v_prediction"
     summary = adapter.summary()
-    conv = [m for m in adapter.modules.values() if m.tensors["lora_down"].ndim == 4 and m.tensors["lora_down"].shape[-1] > 1]
+    conv = [m for m in adapter.modules.values() if m.is_3x3_conv]
     network_args = {}
+    if summary["algorithm"] != "lora":
+        network_args["algo"] = summary["algorithm"]  # LyCORIS records its algorithm here
+    if summary["dora"]:
+        network_args["dora_wd"] = "True"
     if conv:
         # kohya has one conv rank; with mixed ranks, report the most common (as for ss_network_dim)
-        network_args = {"conv_dim": str(Counter(m.rank for m in conv).most_common(1)[0][0]),
-                        "conv_alpha": str(Counter(m.alpha for m in conv).most_common(1)[0][0])}
+        network_args["conv_dim"] = str(Counter(m.rank for m in conv).most_common(1)[0][0])
+        network_args["conv_alpha"] = str(Counter(m.alpha for m in conv).most_common(1)[0][0])
     architecture = "stable-diffusion-v2-768-v" if v_model else ARCHITECTURE[family]
     resolution = 768 if v_model else RESOLUTION[family]
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if summary["algorithm"] == "lora" else "lycoris.kohya",
         "ss_network_dim": str(summary["rank"]),
         "ss_network_alpha": str(summary["alpha"]),
         "ss_network_args": json.dumps(network_args),

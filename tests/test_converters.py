@@ -199,3 +199,125 @@ def test_interrupted_write_leaves_no_file(tmp_path, tiny, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cv.save_kohya(adapter, tmp_path / "lora.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- LoHa, LoKr, DoRA ------------------------------------------------------------------
+
+from dreambooth_lora.fixtures.adapters import ALGORITHMS, add_random_adapter, algorithm_config  # noqa: E402
+
+# exports that rewrite tensors so every loader computes the same delta
+REWRITTEN = {"lokr-full": "PEFT's alpha/r folded into lokr_w1 (loaders use scale 1 without a decomposed factor)",
+             "lokr-tucker": "lokr_t2 folded into a full lokr_w2 (ComfyUI 0.3.75 fails on Tucker LoKr)"}
+
+
+def _peft_layers(module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: layer for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)}
+
+
+def with_adapter(path, algorithm):
+    model = load_base_model(path)
+    peft = {}
+    modules = [("unet", model.unet, UNET_ATTENTION + UNET_CONV)] + [
+        (c, e, TEXT) for c, e in zip(cv.COMPONENTS[model.family][1:], model.text_encoders)]
+    for seed, (component, module, targets) in enumerate(modules):
+        config = add_random_adapter(module, algorithm_config(algorithm, targets), seed)
+        peft[component] = (peft_state(module), config)
+    adapter = cv.from_peft(model.family, cv.unet_layout_of(model.unet.config), peft)
+    return model, adapter, peft, modules
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_round_trips(tiny, tmp_path, name, algorithm):
+    model, adapter, peft, modules = with_adapter(tiny[name], algorithm)
+    path = cv.save_kohya(adapter, tmp_path / "x.safetensors", dtype="fp32")
+    back = cv.load_adapter(path, cv.structure_of_base(model))
+    assert back.modules.keys() == adapter.modules.keys()
+    expected_algo = algorithm.split("-")[0].replace("dora", "lora")
+    assert {m.algorithm for m in back.modules.values()} == {expected_algo}
+    if algorithm not in REWRITTEN:  # tensors come back bit for bit
+        for component, (state, _) in peft.items():
+            round_state, _ = cv.to_peft(back, component, _model_paths(model, component))
+            assert round_state.keys() == state.keys(), component
+            for key, tensor in state.items():
+                assert torch.equal(round_state[key], tensor), key
+    if algorithm == "dora":
+        return  # DoRA also renormalises W: its delta is not additive (checked against ComfyUI elsewhere)
+    # and every layer's delta equals PEFT's own get_delta_weight
+    for component, module, _ in modules:
+        for layer_path, layer in _peft_layers(module).items():
+            ours = back.modules[(component, cv.keys.canonical_path(component, layer_path))]
+            theirs = layer.get_delta_weight("default").detach().float()
+            error = float((ours.delta(tuple(theirs.shape)) - theirs).norm() / theirs.norm())
+            assert error < 1e-5, (layer_path, error)
+
+
+def test_lycoris_metadata(tiny, tmp_path):
+    for algorithm, module_name, args in [("loha", "lycoris.kohya", {"algo": "loha"}), ("dora", "networks.lora", {"dora_wd": "True"})]:
+        _, adapter, _, _ = with_adapter(tiny["sd1-tiny"], algorithm)
+        path = cv.save_kohya(adapter, tmp_path / f"{algorithm}.safetensors")
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata()
+            if algorithm == "dora":
+                scales = [k for k in handle.keys() if k.endswith(".dora_scale")]
+                assert scales and all(handle.get_tensor(k).dtype == torch.float32 for k in scales)
+                assert all(handle.get_tensor(k).shape[1:] in ((1,), (1, 1, 1)) for k in scales)  # output axis
+        assert meta["ss_network_module"] == module_name
+        assert {k: v for k, v in json.loads(meta["ss_network_args"]).items() if k in args} == args
+
+
+# --- files written by other tools ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sd1-tiny", "sdxl-tiny"])
+def test_reads_diffusers_save_lora_weights_with_its_adapter_metadata(tiny, tmp_path, name, capsys):
+    """A file from diffusers' own save_lora_weights: alpha ≠ rank survives through its
+    lora_adapter_metadata, and convert turns it into the same kohya file we would write."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    model, adapter, peft = _with_lora(tiny[name])
+    layers = {"unet_lora_layers": peft["unet"][0], "text_encoder_lora_layers": peft["text_encoder"][0]}
+    meta = {"unet_lora_adapter_metadata": peft["unet"][1], "text_encoder_lora_adapter_metadata": peft["text_encoder"][1]}
+    if model.family == "sdxl":
+        layers["text_encoder_2_lora_layers"] = peft["text_encoder_2"][0]
+        meta["text_encoder_2_lora_adapter_metadata"] = peft["text_encoder_2"][1]
+    pipeline = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
+    pipeline.save_lora_weights(str(tmp_path), weight_name="diffusers.safetensors", **layers, **meta)
+
+    back = cv.load_adapter(tmp_path / "diffusers.safetensors", cv.structure_of_base(model))
+    assert back.modules.keys() == adapter.modules.keys()
+    for key, module in adapter.modules.items():
+        assert back.modules[key].scale == pytest.approx(module.scale, rel=1e-6), key  # 2/4, 3/4, 8/4: not 1
+        assert torch.equal(back.modules[key].tensors["lora_up"], module.tensors["lora_up"]), key
+    assert main(["convert", str(tmp_path / "diffusers.safetensors"), str(tmp_path / "k.safetensors"),
+                 "--base", str(tiny[name]), "--dtype", "fp32"]) == 0
+    ours = cv.save_kohya(adapter, tmp_path / "ours.safetensors", dtype="fp32")
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as a, safe_open(str(ours), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_reads_sd1_files_with_ldm_names_and_te1_prefix(tiny, tmp_path):
+    """Some tools write SD1 LoRAs with LDM block names or lora_te1_; ComfyUI and A1111 accept
+    them, so we read them onto the same layers."""
+    from safetensors.torch import save_file
+
+    model, adapter, _ = _with_lora(tiny["sd1-tiny"])
+    renamed = {}
+    for key, tensor in cv.to_kohya(adapter, torch.float32).items():
+        module, _, rest = key.partition(".")
+        for component, path in adapter.modules:
+            if cv.keys.kohya_name("sd1", component, path, adapter.unet_layout) == module:
+                if component == "unet":
+                    module = "lora_unet_" + cv.keys.ldm_module_path(path, adapter.unet_layout).replace(".", "_")
+                else:
+                    module = module.replace("lora_te_", "lora_te1_")
+        renamed[f"{module}.{rest}"] = tensor
+    assert any(k.startswith("lora_unet_input_blocks_1_1_") for k in renamed)
+    save_file(renamed, str(tmp_path / "ldm.safetensors"))
+    back = cv.load_adapter(tmp_path / "ldm.safetensors", cv.structure_of_base(model))
+    assert back.modules.keys() == adapter.modules.keys()
+    for key, module in adapter.modules.items():
+        assert torch.equal(back.modules[key].tensors["lora_down"], module.tensors["lora_down"])
