@@ -319,6 +319,10 @@ def inject(adapter: Adapter, component: str, model: torch.nn.Module, adapter_nam
     """
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
+    algorithms = {m.algorithm for m in adapter.modules.values() if m.component == component}
+    if algorithms - {"lora"}:
+        raise LoraFormatError(f"{component}: {'/'.join(sorted(algorithms))} adapters are applied by merging their "
+                              "deltas (AdapterModule.delta), not as PEFT LoRA layers.")
     paths = {name for name, _ in model.named_modules()}
     state, config = to_peft(adapter, component, paths)
     if not state:
@@ -361,9 +365,12 @@ def guess_family(names: list[str], shapes: Mapping[str, tuple]) -> str | None:
     if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names):
         return "sdxl"
     for name, shape in shapes.items():
-        if re.search(r"attn2[._]to_k[._]", name) and ("lora_down" in name or "lora_A" in name):
+        # the input width of a low-rank "down" factor is the layer's: context size for attn2.to_k
+        if not any(tag in name for tag in ("lora_down", "lora_A", "hada_w1_b")):
+            continue
+        if re.search(r"attn2[._]to_k[._]", name):
             return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(shape[-1])
-        if re.search(r"(lora_te_|text_encoder\.).*layers[._]0[._]self_attn[._]q_proj[._]", name) and ("lora_down" in name or "lora_A" in name):
+        if re.search(r"(lora_te_|text_encoder\.).*layers[._]0[._]self_attn[._]q_proj[._]", name):
             return {768: "sd1", 1024: "sd2"}.get(shape[-1])
     return None
 
@@ -415,6 +422,7 @@ def from_diffusers_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[s
     config_json = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
     per_component: dict[str, tuple[dict, dict]] = {}
     for key, tensor in tensors.items():
+        key = key.removeprefix("base_model.model.")  # peft's own save_pretrained of a PeftModel
         component, _, rest = key.partition(".")
         if component not in COMPONENTS[structure.family]:
             if component in ("text_encoder_2",):

@@ -321,3 +321,20 @@ def test_reads_sd1_files_with_ldm_names_and_te1_prefix(tiny, tmp_path):
     assert back.modules.keys() == adapter.modules.keys()
     for key, module in adapter.modules.items():
         assert torch.equal(back.modules[key].tensors["lora_down"], module.tensors["lora_down"])
+
+
+def test_inject_puts_the_same_lora_back_into_a_model(tiny):
+    """An adapter read from a file, injected into a fresh base, computes what the original PEFT model did."""
+    model, adapter, _ = _with_lora(tiny["sd1-tiny"])
+    fresh = load_base_model(tiny["sd1-tiny"])
+    cv.inject(adapter, "unet", fresh.unet)
+    cv.inject(adapter, "text_encoder", fresh.text_encoders[0])
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    ids = model.tokenizers[0]("a photo of sks dog", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model.unet(latents, 500, context).sample, fresh.unet(latents, 500, context).sample, atol=1e-6)
+        assert torch.allclose(model.text_encoders[0](ids).last_hidden_state, fresh.text_encoders[0](ids).last_hidden_state, atol=1e-6)
+    _, loha, _, _ = with_adapter(tiny["sd1-tiny"], "loha")
+    with pytest.raises(cv.LoraFormatError, match="applied by merging"):
+        cv.inject(loha, "unet", load_base_model(tiny["sd1-tiny"]).unet)
