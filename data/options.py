@@ -1,0 +1,20 @@
+"""Options for reading the instance (subject) images."""
+
+from ..options import Option, OptionSet
+
+DATA_OPTIONS = OptionSet(
+    Option("resolution", 512, "Training size in pixels (the short side, or the bucket area's side). SD1.x "
+           "and SD2-base train at 512, SD2 768-v at 768, SDXL at 1024.", min=64, max=4096, step=8,
+           metadata_key="ss_resolution"),
+    Option("crop", "center", "How an image is cut to the training size after the short side is scaled: "
+           "center keeps the middle; random picks a new window every time the image is used.",
+           choices=("center", "random")),
+    Option("buckets", False, "Aspect-ratio buckets: keep each image's shape (within 1:4..4:1) at about "
+           "resolution² pixels instead of cropping to a square. SDXL users usually want this."),
+    Option("flip", False, "Randomly mirror images left-right while training (doubles the poses seen; "
+           "leave off for subjects with text or an asymmetric logo)."),
+    Option("repeats", 1, "How many times each image appears per epoch.", min=1, max=1000),
+    Option("background", "white", "Colour that transparent pixels (RGBA, LA, palette transparency) are "
+           "composited on.", choices=("white", "black", "gray")),
+    Option("recursive", False, "Also read images in sub-folders of the instance folder."),
+)
