@@ -12,6 +12,7 @@ from .errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     from .converters import cli as converters_cli
     from .data import cli as data_cli
+    from .identifiers import cli as identifiers_cli
     from .fixtures import cli as fixtures_cli
     from .models import cli as models_cli
 
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth LoRA for Stable Diffusion 1.x / 2.x / XL: the command-line side of the ComfyUI pack.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (models_cli, data_cli, converters_cli, fixtures_cli):
+    for stage in (models_cli, data_cli, identifiers_cli, converters_cli, fixtures_cli):
         stage.register(subparsers)
     return parser
 
