@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -13,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .converters import cli as converters_cli
     from .data import cli as data_cli
     from .identifiers import cli as identifiers_cli
+    from .priors import cli as priors_cli
     from .fixtures import cli as fixtures_cli
     from .models import cli as models_cli
 
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth LoRA for Stable Diffusion 1.x / 2.x / XL: the command-line side of the ComfyUI pack.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (models_cli, data_cli, identifiers_cli, converters_cli, fixtures_cli):
+    for stage in (models_cli, data_cli, identifiers_cli, priors_cli, converters_cli, fixtures_cli):
         stage.register(subparsers)
     return parser
 
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # output piped into `head` and closed early: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
