@@ -82,7 +82,7 @@ class Option:
             raise argparse.ArgumentTypeError(str(err).split(": ", 1)[-1]) from None
 
     def add_to_parser(self, parser: argparse.ArgumentParser) -> None:
-        help_text = self.help
+        help_text = self.help.replace("%", "%%")  # argparse expands %-formats in help
         if self.choices:
             help_text += f" Choices: {', '.join(map(str, self.choices))}."
         if self.min is not None or self.max is not None:

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import Option, OptionSet
-from .options import DATA_OPTIONS
-
-PROMPT_OPTIONS = OptionSet(
-    Option("instance_prompt", "a photo of {id} {class}", "Caption for images without a <name>.txt beside them; "
-           "{id} and {class} are replaced by --identifier and --class-word."),
-    Option("identifier", "sks", "The rare token that will stand for the subject."),
-    Option("class_word", "dog", "The subject's class, e.g. dog, cat, backpack, person."),
-)
+from .options import DATA_OPTIONS, PROMPT_OPTIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

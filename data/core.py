@@ -237,6 +237,19 @@ def load_folder(folder: str | Path, instance_prompt: str, identifier: str = "", 
         raise DatasetError(f"{folder}: no such folder; point --instance-dir at the folder with the subject's photos.")
     pattern = "**/*" if options["recursive"] else "*"
     files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return _load_paths(files, instance_prompt, identifier, class_word, options, str(folder))
+
+
+def load_files(paths: Sequence[str | Path], caption: str, where: str, **options) -> InstanceDataset:
+    """Read the given image files (e.g. cached class images), all captioned ``caption``
+    (sidecar ``.txt`` files still win); same checks and conversions as ``load_folder``."""
+    from .options import DATA_OPTIONS
+
+    return _load_paths([Path(p) for p in paths], caption, "", "", DATA_OPTIONS.values(options), where)
+
+
+def _load_paths(files: Sequence[Path], instance_prompt: str, identifier: str, class_word: str, options: dict,
+                where: str) -> InstanceDataset:
     items, skipped = [], []
     for path in files:
         try:
@@ -250,7 +263,7 @@ def load_folder(folder: str | Path, instance_prompt: str, identifier: str = "", 
         fitted, fit_notes = fit(rgb, target)
         caption = fill_caption(sidecar_caption(path) or instance_prompt, identifier, class_word)
         items.append(InstanceImage(str(path), caption, fitted, target, original, notes + fit_notes))
-    return _finish(items, skipped, str(folder), options)
+    return _finish(items, skipped, where, options)
 
 
 def load_batch(images: np.ndarray | Iterable, captions: Sequence[str] | None, instance_prompt: str,

@@ -18,3 +18,12 @@ DATA_OPTIONS = OptionSet(
            "composited on.", choices=("white", "black", "gray")),
     Option("recursive", False, "Also read images in sub-folders of the instance folder."),
 )
+
+# The prompt that binds the subject: shared by the dataset, identifier and training stages.
+PROMPT_OPTIONS = OptionSet(
+    Option("instance_prompt", "a photo of {id} {class}", "Caption for images without a <name>.txt beside them; "
+           "{id} and {class} are replaced by --identifier and --class-word."),
+    Option("identifier", "sks", "The rare token that will stand for the subject."),
+    Option("class_word", "dog", "The subject's class, e.g. dog, cat, backpack, person."),
+)
+

@@ -1,0 +1,91 @@
+"""Options for DreamBooth LoRA training: defined once here, derived into the CLI, the node and
+the LoRA file's ``ss_*`` metadata."""
+
+from ..options import Option, OptionSet
+from ..priors.options import PRIOR_OPTIONS
+
+# What the prior-preservation term is computed against.
+PRIOR_MODES = ("class_images", "base_model", "off")
+
+TRAIN_OPTIONS = OptionSet(
+    # --- length and learning rates
+    Option("steps", 500, "Optimizer steps to train. 3-20 photos usually need 400-1500 at LR 1e-4.", min=1,
+           max=1_000_000, metadata_key="ss_max_train_steps"),
+    Option("learning_rate", 1e-4, "Learning rate of the UNet adapter (1e-4 is the usual LoRA value).", min=0.0,
+           max=1.0, step=1e-5, metadata_key="ss_unet_lr"),
+    Option("batch_size", 1, "Instance images per step (with prior preservation, as many class images join them "
+           "in the same forward pass).", min=1, max=64, metadata_key="ss_batch_size_per_device"),
+    Option("gradient_accumulation", 1, "Steps whose gradients are summed before one optimizer step (a larger "
+           "effective batch without more memory).", min=1, max=256, metadata_key="ss_gradient_accumulation_steps"),
+    # --- the adapter
+    Option("adapter", "lora", "Adapter type: lora (loads everywhere), dora (LoRA with learned magnitudes; "
+           "ComfyUI 0.3.75 applies it 4% off), loha or lokr (LyCORIS; need a LyCORIS-aware loader in A1111).",
+           choices=("lora", "dora", "loha", "lokr")),
+    Option("rank", 16, "Adapter rank: size of the update. 4-32 is typical for one subject.", min=1, max=1024,
+           metadata_key="ss_network_dim"),
+    Option("alpha", 16.0, "Adapter alpha: the update is scaled by alpha/rank (alpha = rank means scale 1).",
+           min=0.0, max=4096.0, step=0.5, metadata_key="ss_network_alpha"),
+    Option("dropout", 0.0, "Dropout on the adapter's input (LoRA/DoRA) or rank dropout (LoHa/LoKr) while "
+           "training.", min=0.0, max=0.9, step=0.05, metadata_key="ss_network_dropout"),
+    Option("unet_targets", "attention", "UNet layers that get an adapter: attention (q/k/v/out projections, as "
+           "diffusers), transformer (+ proj_in/out and feed-forward, as kohya), all (+ ResNet convs and time "
+           "embeddings: LoCon).", choices=("attention", "transformer", "all")),
+    # --- text encoder
+    Option("train_text_encoder", False, "Also train an adapter on the text encoder(s): binds the identifier "
+           "faster, risks language drift. Uses its own learning rate."),
+    Option("text_encoder_lr", 1e-5, "Learning rate of the text-encoder adapter.", min=0.0, max=1.0, step=1e-6,
+           metadata_key="ss_text_encoder_lr"),
+    Option("text_encoder_steps", 0, "Stop training the text encoder after this many steps (0 = train it to the "
+           "end).", min=0, max=1_000_000),
+    # --- prior preservation and the loss
+    Option("prior_preservation", "class_images", "What keeps the class intact: class_images (the paper: loss on "
+           "images of the bare class made by the base model), base_model (no class images: the frozen model's "
+           "own prediction for the class prompt on the instance latents is the target), off.",
+           choices=PRIOR_MODES),
+    Option("prior_weight", 1.0, "λ in loss = instance loss + λ · prior loss.", min=0.0, max=100.0, step=0.05,
+           metadata_key="ss_prior_loss_weight"),
+    Option("loss", "mse", "Per-pixel loss: mse, or huber (pseudo-Huber, less swayed by outliers).",
+           choices=("mse", "huber")),
+    Option("huber_delta", 0.1, "Where the pseudo-Huber loss turns from quadratic to linear.", min=1e-4, max=10.0,
+           step=0.01),
+    Option("min_snr_gamma", 0.0, "Min-SNR-γ weighting of timesteps (5 is the paper's value; 0 = off).", min=0.0,
+           max=100.0, step=0.5, metadata_key="ss_min_snr_gamma"),
+    Option("noise_offset", 0.0, "Add this much per-channel constant noise (0.05-0.1 lets the model learn very "
+           "dark or bright images).", min=0.0, max=1.0, step=0.01, metadata_key="ss_noise_offset"),
+    # --- optimizer and schedule
+    Option("optimizer", "adamw", "adamw, adamw8bit (bitsandbytes, CUDA only: ~1/4 of the optimizer memory), or "
+           "prodigy (adaptive; set learning rates to 1.0; needs `pip install prodigyopt`).",
+           choices=("adamw", "adamw8bit", "prodigy"), metadata_key="ss_optimizer"),
+    Option("weight_decay", 1e-2, "AdamW weight decay.", min=0.0, max=1.0, step=1e-3),
+    Option("lr_scheduler", "constant", "Learning-rate schedule.", choices=("constant", "constant_with_warmup",
+           "linear", "cosine"), metadata_key="ss_lr_scheduler"),
+    Option("warmup_steps", 0, "Steps over which the learning rate ramps up from 0.", min=0, max=1_000_000,
+           metadata_key="ss_lr_warmup_steps"),
+    Option("max_grad_norm", 1.0, "Clip the gradient norm to this (0 = no clipping).", min=0.0, max=1000.0,
+           step=0.1, metadata_key="ss_max_grad_norm"),
+    # --- speed and memory
+    Option("mixed_precision", "auto", "auto (bf16 on GPUs that have it, else fp16 on CUDA; fp32 on CPU), no, "
+           "fp16, bf16. The adapter itself always trains in fp32.", choices=("auto", "no", "fp16", "bf16"),
+           metadata_key="ss_mixed_precision"),
+    Option("gradient_checkpointing", False, "Recompute activations in the backward pass: much less memory, "
+           "about 25% slower.", metadata_key="ss_gradient_checkpointing"),
+    Option("cache_latents", True, "Encode every image with the VAE once before training (not possible with "
+           "random crops, which change every step).", metadata_key="ss_cache_latents"),
+    # --- reproducibility, saving, watching
+    Option("seed", 0, "Everything random (order, noise, timesteps, dropout) follows from it: the same seed "
+           "gives the same LoRA on the same machine.", min=0, max=2**31 - 1, metadata_key="ss_seed"),
+    Option("save_every", 100, "Write a resumable checkpoint (and a LoRA file) every N steps (0 = only at the "
+           "end).", min=0, max=1_000_000),
+    Option("keep_checkpoints", 3, "How many checkpoints to keep (older ones are deleted; 0 = keep all).", min=0,
+           max=10_000),
+    Option("validation_prompts", "", "Prompts for preview images, separated by '|' ({id}/{class} are filled "
+           "in). Empty = no previews."),
+    Option("validation_every", 0, "Make preview images every N steps (0 = only at the end, when prompts are "
+           "given).", min=0, max=1_000_000),
+    Option("validation_scales", "1.0", "LoRA scales for previews: '1.0', or a grid 'unet=0.5,1.0 te=0,1' over "
+           "UNet × text-encoder scales (same seeds in every cell)."),
+    Option("validation_steps", 20, "Sampler steps per preview image.", min=1, max=200),
+)
+
+# The class-image settings the trainer exposes; generation details keep their PRIOR_OPTIONS defaults.
+CLASS_OPTIONS = OptionSet(PRIOR_OPTIONS["class_prompt"], PRIOR_OPTIONS["num_class_images"])
