@@ -20,6 +20,7 @@ import os
 import struct
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -206,23 +207,37 @@ def generate_priors(base, model_path: str, out: str | Path, num: int, prompt: st
                 if should_stop():
                     raise KeyboardInterrupt
                 return callback_kwargs
-        with tqdm(total=len(missing), unit="img", desc=f"class images ({len(present & set(range(num)))} cached)") as bar:
-            for start in range(0, len(missing), batch_size):
-                if should_stop is not None and should_stop():
-                    raise KeyboardInterrupt
-                indices = missing[start:start + batch_size]
-                generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in indices]
-                batch = {k: v.repeat(len(indices), *[1] * (v.ndim - 1)) for k, v in embeddings.items()}
-                with torch.inference_mode():
-                    images = pipe(**batch, num_inference_steps=steps, guidance_scale=guidance, height=size,
-                                  width=size, generator=generators, callback_on_step_end=stop_hook).images
-                for index, image in zip(indices, images):
-                    _save_png(image, cache.image_path(index), settings, seed + index)
-                generated += len(indices)
-                cache.write_manifest(model_path)
-                bar.update(len(indices))
-                if on_progress is not None:
-                    on_progress(num - len(missing) + generated, num)
+        # PNG encoding (zlib, outside the GIL) runs on a writer thread while the next batch is
+        # generated; one thread keeps the writes and manifest updates in order.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="priors-png")
+        writes = []
+
+        def save_batch(indices: list[int], images: list) -> None:
+            for index, image in zip(indices, images):
+                _save_png(image, cache.image_path(index), settings, seed + index)
+            cache.write_manifest(model_path)
+
+        try:
+            with tqdm(total=len(missing), unit="img",
+                      desc=f"class images ({len(present & set(range(num)))} cached)") as bar:
+                for start in range(0, len(missing), batch_size):
+                    if should_stop is not None and should_stop():
+                        raise KeyboardInterrupt
+                    indices = missing[start:start + batch_size]
+                    generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in indices]
+                    batch = {k: v.repeat(len(indices), *[1] * (v.ndim - 1)) for k, v in embeddings.items()}
+                    with torch.inference_mode():
+                        images = pipe(**batch, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                                      width=size, generator=generators, callback_on_step_end=stop_hook).images
+                    writes.append(writer.submit(save_batch, indices, images))
+                    generated += len(indices)
+                    bar.update(len(indices))
+                    if on_progress is not None:
+                        on_progress(num - len(missing) + generated, num)
+        finally:
+            writer.shutdown(wait=True)  # a cancel still keeps every image that was generated
+            for write in writes:
+                write.result()  # a failed write (disk full) surfaces here
     elif not cache.manifest_path.exists():
         cache.write_manifest(model_path)
     return PriorResult(cache.folder, [cache.image_path(i) for i in range(num)], generated, num - len(missing),

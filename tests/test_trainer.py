@@ -227,6 +227,36 @@ def test_previews_grid_over_unet_and_text_encoder_scales(tmp_path):
     assert core.parse_scales("0.8") == ([0.8], [0.8])
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_loop_recomputes_nothing_that_does_not_change(tmp_path, cache):
+    """With caching, every VAE latent (instance and class images) and every text embedding is
+    computed before the first step, so neither model runs inside the loop; without it, the VAE
+    runs once per step for the instance and class image together (one call, batch 2)."""
+    from dreambooth_lora.models.core import load_base_model
+
+    base = load_base_model(fixture_path("sd1-tiny"))
+    calls = {"vae": [], "text": []}
+    in_loop = []
+
+    def counted(name, function):
+        def run(*args, **kwargs):
+            calls[name].append(("loop" if in_loop else "before", len(args[0])))  # (when, batch size)
+            return function(*args, **kwargs)
+        return run
+
+    base.vae.encode = counted("vae", base.vae.encode)
+    base.text_encoders[0].forward = counted("text", base.text_encoders[0].forward)
+    job = tiny_job(tmp_path, f"calls{cache}", steps=5, cache_latents=cache)
+    make_photos(Path(job.class_dir), size=(64, 64))  # 4 class images of the user's own
+    job.base_model = base
+    core.train(job, should_stop=lambda: in_loop.append(1) and False)  # polled at the end of every step
+    if cache:  # 4 instance + 4 class images, once each, before the first step
+        assert calls["vae"] == [("before", 1)] * 8
+    else:  # instance + class image of each step in one call: step 1, then steps 2-5
+        assert calls["vae"] == [("before", 2)] + [("loop", 2)] * 4
+    assert calls["text"] == [("before", 2)]  # both captions, once
+
+
 def test_bad_setups_get_clear_errors(tmp_path):
     job = tiny_job(tmp_path, "err")
     job.class_dir = None

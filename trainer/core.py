@@ -102,6 +102,28 @@ def pick(seed: int, kind: str, position: int, size: int) -> int:
     return epoch_order(seed, kind, position // size, size)[position % size]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device``. On CUDA from pinned memory and asynchronously: a plain
+    copy from pageable memory waits for the GPU to finish all queued work, which would stall
+    the loop once per step."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextmanager
+def modules_on(device: torch.device, *modules: torch.nn.Module) -> Iterator[None]:
+    """Bring offloaded modules to ``device`` for a while (previews), then back where they were."""
+    homes = [next(module.parameters()).device for module in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
+
+
 def resolve_mixed_precision(name: str, device: torch.device) -> str:
     if device.type != "cuda":
         if name in ("fp16", "bf16"):
@@ -237,8 +259,8 @@ def _prepare_class_data(job: TrainJob, options: Mapping[str, Any], base, acceler
 
 class LatentSource:
     """VAE latents of dataset images, encoded once per (image, crop window, flip) and kept
-    when caching is on (always the mean of the VAE's distribution, so cached and uncached
-    runs compute the same thing)."""
+    when caching is on (always the mean of the VAE's distribution, never a sample). The images
+    of one micro-batch that are not cached are encoded together, in one VAE call."""
 
     def __init__(self, vae, device: torch.device, cache: bool):
         self.vae, self.device, self.cache = vae, device, cache
@@ -248,29 +270,44 @@ class LatentSource:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae_dtype = next(self.vae.parameters()).dtype
-        latents = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist.mode()
-        return ((latents - self.shift) * self.scaling).float()
+        first = next(self.vae.parameters())
+        latents = self.vae.encode(pixels.to(first.device, first.dtype)).latent_dist.mode()
+        return ((latents - self.shift) * self.scaling).float().to(self.device)
+
+    @staticmethod
+    def window(dataset, index: int, rng: random.Random | None) -> tuple[int, int, int, int]:
+        """The crop box of this use of the image (random crops draw it from ``rng``)."""
+        return dataset.images[index].crop_box(rng if dataset.crop == "random" else None)
 
     def get(self, dataset, index: int, rng: random.Random | None, flip: bool) -> tuple[torch.Tensor, dict]:
-        item = dataset.images[index]
-        box = item.crop_box(rng if dataset.crop == "random" else None)
-        key = (id(dataset), index, box, flip)
-        meta = {"original_size": item.image.size[::-1], "crop_top_left": (box[1], box[0]),
-                "target_size": item.target_size[::-1], "caption": item.caption}
-        if key in self.store:
-            return self.store[key], meta
+        return self.get_many([(dataset, index, self.window(dataset, index, rng), flip)])[0]
+
+    def get_many(self, wanted: list[tuple]) -> list[tuple[torch.Tensor, dict]]:
+        """[(dataset, index, crop box, flip)] → [(latents on the device, size conditioning and caption)]."""
         import numpy as np
         from PIL import ImageOps
 
-        picture = item.image.crop(box)
-        if flip:
-            picture = ImageOps.mirror(picture)
-        pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
-        latents = self.encode(pixels[None])[0].cpu()
-        if self.cache and dataset.crop != "random":
-            self.store[key] = latents
-        return latents, meta
+        found: list[list] = []
+        missing: list[tuple[int, tuple, torch.Tensor, bool]] = []
+        for dataset, index, box, flip in wanted:
+            item = dataset.images[index]
+            key = (id(dataset), index, box, flip)
+            meta = {"original_size": item.image.size[::-1], "crop_top_left": (box[1], box[0]),
+                    "target_size": item.target_size[::-1], "caption": item.caption}
+            found.append([self.store.get(key), meta])
+            if found[-1][0] is None:
+                picture = item.image.crop(box)
+                if flip:
+                    picture = ImageOps.mirror(picture)
+                pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+                missing.append((len(found) - 1, key, pixels, self.cache and dataset.crop != "random"))
+        if missing:
+            encoded = self.encode(torch.stack([pixels for _, _, pixels, _ in missing]))  # kept on the device
+            for (position, key, _, keep), latents in zip(missing, encoded):
+                found[position][0] = latents
+                if keep:
+                    self.store[key] = latents
+        return [(latents, meta) for latents, meta in found]
 
 
 def _check_resume_record(record: Mapping[str, Any], options: Mapping[str, Any], fingerprint: str, folder: Path) -> None:
@@ -355,10 +392,13 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     components = converters.COMPONENTS[family]  # ("unet", "te") or ("unet", "te1", "te2")
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+    # Latents encoded once are encoded in fp32. A VAE that runs every step (no cache, or random
+    # crops) runs in bf16 when training in bf16: twice as fast, and safe (fp16 overflows SDXL's VAE).
+    vae_every_step = not options["cache_latents"] or options["crop"] == "random"
+    vae_dtype = torch.bfloat16 if vae_every_step and weight_dtype == torch.bfloat16 else torch.float32
     for module in [unet, vae, *encoders]:
         module.requires_grad_(False)
-        # latents are encoded once, in fp32: fp16 VAEs overflow (SDXL's famously)
-        wanted = torch.float32 if module is vae else weight_dtype
+        wanted = vae_dtype if module is vae else weight_dtype
         if next(module.parameters()).dtype != wanted:  # diffusers warns on every .to(dtype), even a no-op
             module.to(dtype=wanted)
         module.to(device)
@@ -419,28 +459,51 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     for caption in captions:
         if len(tokenizers[0].tokenize(caption)) > tokenizers[0].model_max_length - 2:
             say(f"warning: caption longer than {tokenizers[0].model_max_length - 2} tokens is cut: {caption[:60]!r}…")
-    embedding_cache: dict[str, tuple] = {}
+    embedding_cache: dict[tuple[str, bool], tuple] = {}
 
     def embed(texts: list[str], te_training: bool, base_only: bool = False):
         if te_training and not base_only:
             return encode_text(family, tokenizers, text_runs, texts, device)
-        key_missing = [t for t in texts if (t, base_only) not in embedding_cache]
+        key_missing = sorted({t for t in texts if (t, base_only) not in embedding_cache})
         if key_missing:
+            home = next(encoders[0].parameters()).device  # the device they are on (offloaded or not)
             with torch.no_grad(), (adapters_disabled(*encoders) if base_only else nullcontext()):
-                hidden, pooled = encode_text(family, tokenizers, encoders, key_missing, device)
+                hidden, pooled = encode_text(family, tokenizers, encoders, key_missing, home)
             for i, text in enumerate(key_missing):
-                embedding_cache[(text, base_only)] = (hidden[i], None if pooled is None else pooled[i])
+                embedding_cache[(text, base_only)] = (hidden[i].to(device), None if pooled is None else pooled[i].to(device))
         hidden = torch.stack([embedding_cache[(t, base_only)][0] for t in texts])
         pooled = None if family != "sdxl" else torch.stack([embedding_cache[(t, base_only)][1] for t in texts])
         return hidden, pooled
 
+    # Everything that does not change between steps is computed now, before the loop.
+    if not train_te:
+        embed(captions, False)
+    if prior_mode == "base_model":
+        embed([options["class_prompt"]], False, base_only=True)
     latents_source = LatentSource(vae, device, options["cache_latents"])
+    vae_done = False  # every latent the loop can ask for is cached
     if options["cache_latents"] and instances.crop != "random":
-        for index in range(len(instances.images)):  # before the loop: encode every instance image once
+        for index in range(len(instances.images)):  # encode every instance image once
             for flip in ([False, True] if instances.flip else [False]):
                 latents_source.get(instances, index, None, flip)
+        sizes = {item.target_size for item in instances.images}
+        vae_done = classes is None
+        if classes is not None and classes.crop != "random" and \
+                all(item.target_size in sizes for item in classes.images) and len(sizes) == 1:
+            for index in range(len(classes.images)):  # and every class image (bucketed ones are cut on demand)
+                for flip in ([False, True] if classes.flip else [False]):
+                    latents_source.get(classes, index, None, flip)
+            vae_done = True
     elif options["cache_latents"]:
         say("note: random crops change every step, so instance latents are encoded each step (no cache).")
+    if device.type == "cuda":
+        # Frozen parts the loop no longer needs wait in CPU memory (previews bring them back):
+        # on SDXL the two text encoders alone hold 1.6 GB of VRAM.
+        offload = ([] if train_te else encoders) + ([vae] if vae_done else [])
+        for module in offload:
+            module.to("cpu")
+        if offload:
+            torch.cuda.empty_cache()
 
     # --- the loop
     record_base = {"options": _jsonish(options), "base": str(job.base), "base_fingerprint": fingerprint,
@@ -466,6 +529,34 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
             _write_log(state_dir, log_rows)
         accelerator.wait_for_everyone()
         return state_dir / step_dir_name(step)
+
+    # A step's losses stay on the device until the end of the next step: reading a value from
+    # the GPU waits for all queued work, and doing that every step would leave the GPU idle
+    # while Python prepares the next one.
+    pending: list[tuple[int, torch.Tensor, float, float]] = []
+
+    def settle() -> None:
+        """Read the pending step's losses: stop on a non-finite one, else log and report it."""
+        if not pending:
+            return
+        done, losses, lr, seconds = pending.pop()
+        values = losses.tolist()
+        if not all(math.isfinite(v) for v in values):
+            kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else \
+                "no checkpoint was written yet"
+            raise TrainingError(f"step {done}: the loss became {values[0]} (not finite); {kept}. Lower the "
+                                "learning rate, use --mixed-precision bf16 or no instead of fp16, or set "
+                                "--max-grad-norm 1.")
+        row = {"step": done, "loss": values[0], "loss_instance": values[1],
+               "loss_prior": values[2] if prior_mode != "off" else None, "lr": lr, "seconds": round(seconds, 3)}
+        log_rows.append(row)
+        _warn_if_dominating(row, window, warned, say)
+        progress.set_postfix(loss=f"{row['loss']:.4f}", inst=f"{row['loss_instance']:.4f}",
+                             prior="-" if row["loss_prior"] is None else f"{row['loss_prior']:.4f}",
+                             lr=f"{row['lr']:.2e}", refresh=False)
+        progress.update(1)
+        if on_step is not None:
+            on_step(row)
 
     step = start_step
     try:
@@ -495,32 +586,26 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
                 sums += torch.stack([parts.total.detach(), parts.instance.detach(),
                                      parts.prior.detach() if parts.prior is not None else torch.zeros((), device=device)])
             lr_scheduler.step()
-            losses = accelerator.reduce(sums / accumulation, reduction="mean").tolist()
-            if not all(math.isfinite(v) for v in losses):
-                kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else \
-                    "no checkpoint was written yet"
-                raise TrainingError(f"step {step + 1}: the loss became {losses[0]} (not finite); {kept}. Lower the "
-                                    "learning rate, use --mixed-precision bf16 or no instead of fp16, or set "
-                                    "--max-grad-norm 1.")
-            row = {"step": step + 1, "loss": losses[0], "loss_instance": losses[1],
-                   "loss_prior": losses[2] if prior_mode != "off" else None,
-                   "lr": lr_scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - started, 3)}
-            log_rows.append(row)
-            _warn_if_dominating(row, window, warned, say)
-            progress.set_postfix(loss=f"{row['loss']:.4f}", inst=f"{row['loss_instance']:.4f}",
-                                 prior="-" if row["loss_prior"] is None else f"{row['loss_prior']:.4f}",
-                                 lr=f"{row['lr']:.2e}", refresh=False)
-            progress.update(1)
-            if on_step is not None:
-                on_step(row)
+            losses = sums / accumulation
+            if world > 1:
+                losses = accelerator.reduce(losses, reduction="mean")
+            settle()  # the previous step's losses: reading them now lets this step's work run on
+            pending.append((step + 1, losses, lr_scheduler.get_last_lr()[0], time.perf_counter() - started))
             done = step + 1
-            if options["save_every"] and done % options["save_every"] == 0 and done < options["steps"]:
+            save_due = bool(options["save_every"]) and done % options["save_every"] == 0 and done < options["steps"]
+            preview_due = bool(options["validation_prompts"]) and bool(options["validation_every"]) and \
+                done % options["validation_every"] == 0 and done < options["steps"]
+            stop = bool(should_stop and should_stop())
+            if world > 1:  # every rank stops at the same step
+                stop = accelerator.reduce(torch.tensor(float(stop), device=device), reduction="sum").item() > 0
+            stop = stop and done < options["steps"]
+            if save_due or preview_due or stop or done == options["steps"]:
+                settle()  # nothing is saved or shown before its loss is known to be finite
+            if save_due:
                 save(done)
-            if options["validation_prompts"] and options["validation_every"] and \
-                    done % options["validation_every"] == 0 and done < options["steps"]:
-                _preview(accelerator, base, unet, encoders, options, state_dir, done, on_preview)
-            stop = torch.tensor(float(bool(should_stop and should_stop())), device=device)
-            if accelerator.reduce(stop, reduction="sum").item() > 0 and done < options["steps"]:
+            if preview_due:
+                _preview(accelerator, base, unet, encoders, vae, options, state_dir, done, on_preview)
+            if stop:
                 progress.close()
                 path = save(done)
                 raise TrainingStopped(f"stopped at step {done}; checkpoint {path}. Continue with --resume {state_dir}")
@@ -543,7 +628,7 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
         _write_final(state_dir, states, record_base, options)
         _plot_losses(state_dir, log_rows)
         if options["validation_prompts"]:
-            _preview(accelerator, base, unet, encoders, options, state_dir, options["steps"], on_preview)
+            _preview(accelerator, base, unet, encoders, vae, options, state_dir, options["steps"], on_preview)
         say(f"wrote {output} ({options['steps']} steps, {time.perf_counter() - started:.1f} s); state in {state_dir}")
     accelerator.wait_for_everyone()
     return TrainResult(output, state_dir, final, options["steps"], time.perf_counter() - started, log_rows)
@@ -552,7 +637,8 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
 def _make_optimizer(options: Mapping[str, Any], groups: list[dict], device: torch.device):
     name = options["optimizer"]
     if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=options["weight_decay"])
+        # One fused kernel for all adapter tensors on CUDA; the CPU keeps the default (foreach) path.
+        return torch.optim.AdamW(groups, weight_decay=options["weight_decay"], fused=device.type == "cuda")
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -576,7 +662,7 @@ def _rows(instances, classes, prior_mode: str, options, position: int, batch: in
     With buckets, every row takes the size of the first instance image drawn, so the batch
     stacks: further instance images come from the same bucket, class images are cut to it."""
     seed = options["seed"]
-    rows = []
+    wanted, priors = [], []  # (dataset, index, crop box, flip) per row, drawn in row order
     first_size = None
     for b in range(batch):
         index = pick(seed, "instance", position + b, len(instances.images))
@@ -585,8 +671,8 @@ def _rows(instances, classes, prior_mode: str, options, position: int, batch: in
             index = same[rng.randrange(len(same))]
         first_size = first_size or instances.images[index].target_size
         flip = instances.flip and rng.random() < 0.5
-        latents, meta = latents_source.get(instances, index, rng, flip)
-        rows.append({"latents": latents, **meta, "prior": False})
+        wanted.append((instances, index, latents_source.window(instances, index, rng), flip))
+        priors.append(False)
     if prior_mode == "class_images":
         for b in range(batch):
             index = pick(seed, "class", position + b, len(classes.images))
@@ -594,9 +680,11 @@ def _rows(instances, classes, prior_mode: str, options, position: int, batch: in
             if item.target_size != first_size:
                 _refit(item, first_size)
             flip = classes.flip and rng.random() < 0.5
-            latents, meta = latents_source.get(classes, index, rng, flip)
-            rows.append({"latents": latents, **meta, "prior": True})
-    elif prior_mode == "base_model":
+            wanted.append((classes, index, latents_source.window(classes, index, rng), flip))
+            priors.append(True)
+    rows = [{"latents": latents, **meta, "prior": prior}
+            for (latents, meta), prior in zip(latents_source.get_many(wanted), priors)]
+    if prior_mode == "base_model":
         for row in rows[:batch]:
             rows.append({**row, "caption": options["class_prompt"], "prior": True})
     return rows
@@ -615,16 +703,20 @@ def _forward(rows, options, family, prediction_type, unet_run, unet, encoders, e
              noise_scheduler, alphas_cumprod, device, weight_dtype):
     """One joint forward pass over instance and prior rows; returns the loss parts."""
     latents = torch.stack([row["latents"] for row in rows]).to(device)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    # Drawn on the CPU from the step's own generator (the same numbers on any device, and after
+    # a resume), then copied without waiting for the GPU.
+    noise = torch.randn(latents.shape, generator=generator)
     if options["noise_offset"] > 0:
-        noise = noise + options["noise_offset"] * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
+        noise = noise + options["noise_offset"] * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+    noise = to_device(noise, device)
+    timesteps = to_device(torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),),
+                                        generator=generator), device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     hidden, pooled = embed([row["caption"] for row in rows], te_active)
     added = None
     if family == "sdxl":
-        time_ids = torch.tensor([sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"]) for r in rows],
-                                device=device, dtype=weight_dtype)
+        time_ids = to_device(torch.tensor([sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"])
+                                           for r in rows], dtype=weight_dtype), device)
         added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids}
     prediction = unet_run(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype), added_cond_kwargs=added).sample
     target = target_for(prediction_type, latents, noise, timesteps, alphas_cumprod)
@@ -809,7 +901,7 @@ def parse_scales(text: str) -> tuple[list[float], list[float]]:
 
 
 @torch.no_grad()
-def _preview(accelerator, base, unet, encoders, options, state_dir: Path, step: int, on_preview) -> Path | None:
+def _preview(accelerator, base, unet, encoders, vae, options, state_dir: Path, step: int, on_preview) -> Path | None:
     """samples/step-NNNNNN.png: each prompt at each (UNet scale, text-encoder scale), fixed seeds."""
     if not accelerator.is_main_process:
         return None
@@ -826,17 +918,18 @@ def _preview(accelerator, base, unet, encoders, options, state_dir: Path, step: 
     cells = []
     was_training = unet.training
     unet.eval()
-    for prompt_index, prompt in enumerate(prompts):
-        for te_scale in te_scales:
-            for unet_scale in unet_scales:
-                with ExitStack() as stack:
-                    stack.enter_context(adapter_scale(unet, unet_scale))
-                    for encoder in encoders:
-                        stack.enter_context(adapter_scale(encoder, te_scale))
-                    generator = torch.Generator(device="cpu").manual_seed(options["seed"] + prompt_index)
-                    image = pipe(prompt=prompt, num_inference_steps=options["validation_steps"], height=size,
-                                 width=size, generator=generator).images[0]
-                cells.append((prompt, unet_scale, te_scale, image))
+    with modules_on(next(unet.parameters()).device, vae, *encoders):  # offloaded while training
+        for prompt_index, prompt in enumerate(prompts):
+            for te_scale in te_scales:
+                for unet_scale in unet_scales:
+                    with ExitStack() as stack:
+                        stack.enter_context(adapter_scale(unet, unet_scale))
+                        for encoder in encoders:
+                            stack.enter_context(adapter_scale(encoder, te_scale))
+                        generator = torch.Generator(device="cpu").manual_seed(options["seed"] + prompt_index)
+                        image = pipe(prompt=prompt, num_inference_steps=options["validation_steps"], height=size,
+                                     width=size, generator=generator).images[0]
+                    cells.append((prompt, unet_scale, te_scale, image))
     unet.train(was_training)
     columns = len(unet_scales)
     rows = len(cells) // columns
