@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import cli as data_cli
     from .identifiers import cli as identifiers_cli
     from .priors import cli as priors_cli
+    from .sampling import cli as sampling_cli
+    from .evaluation import cli as evaluation_cli
     from .trainer import cli as trainer_cli
     from .fixtures import cli as fixtures_cli
     from .models import cli as models_cli
@@ -24,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth LoRA for Stable Diffusion 1.x / 2.x / XL: the command-line side of the ComfyUI pack.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in (models_cli, data_cli, identifiers_cli, priors_cli, trainer_cli, converters_cli, fixtures_cli):
+    for stage in (models_cli, data_cli, identifiers_cli, priors_cli, trainer_cli, converters_cli, sampling_cli,
+                  evaluation_cli, fixtures_cli):
         stage.register(subparsers)
     return parser
 

@@ -128,11 +128,9 @@ def open_cache(root: str | Path, settings: PriorSettings) -> PriorCache:
 
 
 def make_scheduler(name: str, noise_scheduler):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from ..sampling.core import make_scheduler as sampler_scheduler
 
-    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
-           "dpmpp_2m": DPMSolverMultistepScheduler}[name]
-    return cls.from_config(noise_scheduler.config)
+    return sampler_scheduler(name, noise_scheduler)
 
 
 def make_pipeline(base, sampler: str):

@@ -10,7 +10,8 @@ COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_all_stages_are_registered():
-    assert {"inspect", "dataset", "identifiers", "priors", "train", "convert", "lora-info", "fixture"} <= set(COMMANDS)
+    assert {"inspect", "dataset", "identifiers", "priors", "train", "convert", "lora-info", "fixture", "sample", "grid",
+            "eval", "best"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
