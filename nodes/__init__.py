@@ -7,10 +7,15 @@ such as ``TrainLoraNode`` and silently wins any clash.
 
 from comfy_api.latest import ComfyExtension, io
 
+from .data import ClassPriors, InstanceImages, LoadBaseModel, SuggestIdentifier
 from .models import InspectCheckpoint
+from .sampling import Evaluate, LoRAGrid, LoRASampler
+from .training import TrainDreamBoothLoRA
 
+NODES = [InspectCheckpoint, LoadBaseModel, InstanceImages, SuggestIdentifier, ClassPriors, TrainDreamBoothLoRA,
+         LoRASampler, LoRAGrid, Evaluate]
 
 
 class DreamBoothLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [InspectCheckpoint]
+        return NODES

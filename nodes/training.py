@@ -1,0 +1,120 @@
+"""The training node: a DreamBooth LoRA into ComfyUI's loras folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..trainer.options import CLASS_OPTIONS, TRAIN_OPTIONS
+from . import common
+
+CATEGORY = "DreamBooth LoRA"
+# Node defaults that differ from the CLI's: what the issue's users start from.
+NODE_DEFAULTS = {"steps": 1000}
+
+
+def _inputs() -> list:
+    inputs = []
+    for option in TRAIN_OPTIONS:
+        if option.node:
+            item = option.node_input(io)
+            if option.name in NODE_DEFAULTS:
+                item.default = NODE_DEFAULTS[option.name]
+            inputs.append(item)
+    return inputs
+
+
+class TrainDreamBoothLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DBLoRA_Train", display_name="Train DreamBooth LoRA", category=CATEGORY,
+            description="Trains a LoRA that binds the identifier to the subject, with prior preservation, and "
+                        "saves it (kohya/A1111 format) into ComfyUI's loras folder, where the stock LoraLoader "
+                        "lists it. Cancel stops within one step and keeps a checkpoint; queueing again with the "
+                        "same settings continues from it.",
+            inputs=[io.Custom(common.BASE_TYPE).Input("base", tooltip="From Load Base Model."),
+                    io.Custom(common.DATASET_TYPE).Input("dataset", tooltip="From Subject Photos."),
+                    io.Custom(common.CLASS_IMAGES_TYPE).Input("class_images", optional=True,
+                                                              tooltip="From Class Prior Images (needed when "
+                                                                      "prior_preservation is class_images)."),
+                    io.String.Input("lora_name", default="dreambooth_lora",
+                                    tooltip="File name in models/loras (without .safetensors)."),
+                    CLASS_OPTIONS["class_prompt"].node_input(io),
+                    *_inputs()],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The file written into models/loras."),
+                     io.Image.Output(display_name="loss_curve", tooltip="Instance and prior loss over the steps.")],
+            is_output_node=True)
+
+    @classmethod
+    def validate_inputs(cls, **given) -> bool | str:
+        name = str(given.get("lora_name", "x"))
+        if not name.strip() or "/" in name or "\\" in name or name.startswith("."):
+            return "lora_name: give a plain file name (no folders), e.g. sks_dog."
+        return (TRAIN_OPTIONS + CLASS_OPTIONS).node_problem(given) or True
+
+    @classmethod
+    def execute(cls, base, dataset, lora_name: str, class_prompt: str, class_images=None,
+                **options) -> io.NodeOutput:
+        from PIL import Image
+
+        from ..converters.core import output_path_in
+        from ..errors import UserError
+        from ..trainer.core import TrainingError, TrainingStopped, TrainJob, state_dir_for, train
+
+        values = {**TRAIN_OPTIONS.values(options), "class_prompt": class_prompt,
+                  **{k: dataset[k] for k in ("instance_prompt", "identifier", "class_word")},
+                  "resolution": dataset["dataset"].resolution, "crop": dataset["dataset"].crop,
+                  "flip": dataset["dataset"].flip}
+        if values["prior_preservation"] == "class_images" and not class_images:
+            raise UserError("prior_preservation is class_images but no class images are connected: add a Class "
+                            "Prior Images node, or set prior_preservation to base_model (no class images needed).")
+        work = Path(folder_paths.get_output_directory()) / "dreambooth_lora"
+        final = output_path_in(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
+        staged = output_path_in(work, f"{lora_name}.safetensors")
+        state = state_dir_for(staged)
+        progress = common.Progress(values["steps"])
+        common.drop_sessions()
+        common.free_comfyui_memory()
+
+        def run(resume: str | None):
+            with common.training_mode():  # the model too: weights made under inference_mode cannot train
+                job = TrainJob(base=base["path"], output=str(staged), options=values,
+                               instance_dataset=dataset["dataset"], class_dir=class_images, resume=resume,
+                               overwrite=True, base_model=common.load_base(base))
+                return train(job, should_stop=common.interrupted, on_step=lambda row: progress.set(row["step"]),
+                             on_preview=lambda path: progress.set(progress_step(path), Image.open(path)))
+
+        def progress_step(path: Path) -> int:
+            return int(path.stem.split("-")[1])
+
+        try:
+            try:
+                result = run(str(state) if (state.is_dir() and any(state.glob("step-*"))) else None)
+            except TrainingError as err:
+                if "was trained with other settings" not in str(err) and "another base model" not in str(err):
+                    raise
+                shutil.rmtree(state, ignore_errors=True)  # a different run: start it from scratch
+                result = run(None)
+            except UserError as err:
+                if "is already at step" not in str(err):
+                    raise
+                result = None  # this run already finished: its file is the answer
+        except TrainingStopped:
+            common.raise_if_interrupted()  # ComfyUI's Cancel: the checkpoint is saved
+            raise
+        finally:
+            common.release()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = final.with_name(f".{final.name}.tmp")
+        shutil.copyfile(staged, temporary)
+        temporary.replace(final)  # atomic: the loras list never shows half a file
+        curve_path = state / "loss.png"
+        curve = common.images_to_tensor([Image.open(curve_path).convert("RGB")]) if curve_path.exists() else \
+            common.images_to_tensor([Image.new("RGB", (64, 64), "white")])
+        steps = result.steps_done if result is not None else values["steps"]
+        text = f"{final.name}: {steps} steps; state and checkpoints in {state}"
+        return io.NodeOutput(final.name, curve, ui={**ui.PreviewImage(curve, cls=cls).as_dict(), "text": [text]})

@@ -1,0 +1,128 @@
+"""The ComfyUI nodes in-process, as ComfyUI runs them (under torch.inference_mode): schemas,
+then base → photos → train → sample → grid on a tiny model, and Cancel mid-training."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def comfy_dirs(comfy, tmp_path, tiny):
+    """ComfyUI's model and output folders pointed at a temporary base directory."""
+    import folder_paths
+
+    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("checkpoints", "loras")}
+    saved_output, saved_temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    for kind in ("checkpoints", "loras"):
+        (tmp_path / kind).mkdir()
+        folder_paths.folder_names_and_paths[kind] = ([str(tmp_path / kind)], {".safetensors"})
+    shutil.copyfile(tiny["sd1-tiny"], tmp_path / "checkpoints" / "tiny.safetensors")
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.clear()
+    yield tmp_path
+    for kind, value in saved.items():
+        folder_paths.folder_names_and_paths[kind] = value
+    folder_paths.set_output_directory(saved_output)
+    folder_paths.set_temp_directory(saved_temp)
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.clear()
+
+
+def test_every_node_schema_builds_with_tooltips(comfy, comfy_dirs):
+    from dreambooth_lora.nodes import NODES
+
+    ids = []
+    for node in NODES:
+        schema = node.GET_SCHEMA()
+        ids.append(schema.node_id)
+        assert schema.node_id.startswith("DBLoRA_") and schema.category == "DreamBooth LoRA"
+        missing = [i.id for i in schema.inputs if not i.tooltip] + [o.display_name for o in schema.outputs if not o.tooltip]
+        assert not missing, f"{schema.node_id}: no tooltip on {missing}"
+        parameters = inspect.signature(node.execute).parameters
+        takes_rest = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+        named = {name for name, p in parameters.items() if p.kind != p.VAR_KEYWORD}
+        assert named <= {i.id for i in schema.inputs}, schema.node_id
+        assert takes_rest or named == {i.id for i in schema.inputs}, schema.node_id
+    assert len(set(ids)) == len(ids)
+
+
+def defaults(node, **given) -> dict:
+    """Every input's default, as the UI would send it, then ``given``."""
+    values = {}
+    for item in node.GET_SCHEMA().inputs:
+        default = getattr(item, "default", None)
+        if default is not None:
+            values[item.id] = default
+    values.update(given)
+    return values
+
+
+def run(node, **inputs):
+    with torch.inference_mode():  # ComfyUI runs every node like this
+        return node.execute(**inputs)
+
+
+def test_base_photos_train_sample_grid(comfy_dirs):
+    from dreambooth_lora.nodes.data import InstanceImages, LoadBaseModel
+    from dreambooth_lora.nodes.sampling import LoRAGrid, LoRASampler
+    from dreambooth_lora.nodes.training import TrainDreamBoothLoRA
+
+    base = run(LoadBaseModel, ckpt_name="tiny.safetensors", dtype="auto", prediction_type="auto").args[0]
+    rng = np.random.default_rng(0)
+    photos = torch.from_numpy(rng.random((4, 72, 80, 3)).astype(np.float32))
+    out = run(InstanceImages, **defaults(InstanceImages, folder="", images=photos, resolution=64))
+    dataset, report = out.args
+    assert "4 image(s) usable" in report and dataset["identifier"] == "sks"
+    trained = run(TrainDreamBoothLoRA, base=base, dataset=dataset,
+                  **defaults(TrainDreamBoothLoRA, lora_name="sks_dog", steps=4, rank=4, alpha=4,
+                             prior_preservation="base_model", save_every=2, learning_rate=1e-3))
+    name, curve = trained.args
+    assert name == "sks_dog.safetensors" and (comfy_dirs / "loras" / name).is_file()
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    assert not list((comfy_dirs / "loras").glob(".*"))  # no temporary file left in the loras folder
+    sample = dict(steps=2, width=64, height=64, prompt="a photo of sks dog", seed=5)
+    images, parameters = run(LoRASampler, base=base, **defaults(LoRASampler, lora_name=name, **sample)).args
+    assert images.shape == (1, 64, 64, 3) and 0 <= float(images.min()) and float(images.max()) <= 1
+    assert "<lora:sks_dog:te=1:unet=1>" in parameters and "Seed: 5" in parameters
+    plain, _ = run(LoRASampler, base=base, **defaults(LoRASampler, lora_name="(none)", **sample)).args
+    assert not torch.equal(plain, images)
+    again, _ = run(LoRASampler, base=base, **defaults(LoRASampler, lora_name=name, **sample)).args
+    assert torch.equal(again, images)  # the cached model underneath is the clean base every time
+    grid = run(LoRAGrid, base=base, **defaults(LoRAGrid, lora_name=name, x="unet-scale=0,1", y="seed=1",
+                                               **{k: v for k, v in sample.items() if k != "seed"})).args[0]
+    assert grid.shape[0] == 1 and grid.shape[2] > 2 * 64
+    assert LoRAGrid.validate_inputs(x="colour=1", y="seed=1") is not True
+
+
+def test_cancel_stops_training_keeps_a_checkpoint_and_queueing_again_resumes(comfy_dirs):
+    import comfy.model_management
+
+    from dreambooth_lora.nodes.data import InstanceImages, LoadBaseModel
+    from dreambooth_lora.nodes.training import TrainDreamBoothLoRA
+    from dreambooth_lora.trainer.checkpoint import list_checkpoints
+
+    base = run(LoadBaseModel, ckpt_name="tiny.safetensors", dtype="auto", prediction_type="auto").args[0]
+    photos = torch.from_numpy(np.random.default_rng(1).random((3, 64, 64, 3)).astype(np.float32))
+    dataset = run(InstanceImages, **defaults(InstanceImages, folder="", images=photos, resolution=64)).args[0]
+    settings = defaults(TrainDreamBoothLoRA, lora_name="cut", steps=6, rank=4, alpha=4,
+                        prior_preservation="off", save_every=0)
+    comfy.model_management.interrupt_current_processing(True)  # the user pressed Cancel
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run(TrainDreamBoothLoRA, base=base, dataset=dataset, **settings)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    state = comfy_dirs / "output" / "dreambooth_lora" / "cut.state"
+    assert [p.name for p in list_checkpoints(state)] == ["step-000001"]  # stopped within one step, saved
+    assert not (comfy_dirs / "loras" / "cut.safetensors").exists()
+    name = run(TrainDreamBoothLoRA, base=base, dataset=dataset, **settings).args[0]
+    assert (comfy_dirs / "loras" / name).is_file()
+    rows = (state / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 6  # steps 1-6: the first from before the cancel, the rest resumed
