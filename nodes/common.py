@@ -76,6 +76,33 @@ def raise_if_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+class CancelWatch:
+    """Cancel as a long loop must see it. ComfyUI's progress hook raises on Cancel *and clears
+    the flag*, so a progress update inside the training loop must not raise (the trainer would
+    stop without saving) nor lose the request: it is remembered here, and the loop's
+    should_stop() sees it at the end of the step, saves a checkpoint and stops."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self) -> bool:
+        return self.seen or interrupted()
+
+    def quietly(self, function, *args) -> None:
+        import comfy.model_management
+
+        try:
+            function(*args)
+        except comfy.model_management.InterruptProcessingException:
+            self.seen = True
+
+    def stop(self) -> None:
+        """Tell ComfyUI the node was cancelled (its flag may already be cleared)."""
+        import comfy.model_management
+
+        raise comfy.model_management.InterruptProcessingException()
+
+
 class Progress:
     """ComfyUI's progress bar (a no-op outside a server), with an optional preview picture."""
 

@@ -63,6 +63,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
 
         from ..converters.core import output_path_in
         from ..errors import UserError
+        from ..trainer.checkpoint import list_checkpoints
         from ..trainer.core import TrainingError, TrainingStopped, TrainJob, state_dir_for, train
 
         values = {**TRAIN_OPTIONS.values(options), "class_prompt": class_prompt,
@@ -77,6 +78,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
         staged = output_path_in(work, f"{lora_name}.safetensors")
         state = state_dir_for(staged)
         progress = common.Progress(values["steps"])
+        cancel = common.CancelWatch()
         common.drop_sessions()
         common.free_comfyui_memory()
 
@@ -85,27 +87,31 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                 job = TrainJob(base=base["path"], output=str(staged), options=values,
                                instance_dataset=dataset["dataset"], class_dir=class_images, resume=resume,
                                overwrite=True, base_model=common.load_base(base))
-                return train(job, should_stop=common.interrupted, on_step=lambda row: progress.set(row["step"]),
-                             on_preview=lambda path: progress.set(progress_step(path), Image.open(path)))
+                return train(job, should_stop=cancel,
+                             on_step=lambda row: cancel.quietly(progress.set, row["step"]),
+                             on_preview=lambda path: cancel.quietly(progress.set, progress_step(path),
+                                                                    Image.open(path)))
 
         def progress_step(path: Path) -> int:
             return int(path.stem.split("-")[1])
 
+        done = list_checkpoints(state)
+        latest = int(done[-1].name.split("-")[1]) if done else 0
         try:
-            try:
-                result = run(str(state) if (state.is_dir() and any(state.glob("step-*"))) else None)
-            except TrainingError as err:
-                if "was trained with other settings" not in str(err) and "another base model" not in str(err):
-                    raise
-                shutil.rmtree(state, ignore_errors=True)  # a different run: start it from scratch
-                result = run(None)
-            except UserError as err:
-                if "is already at step" not in str(err):
-                    raise
-                result = None  # this run already finished: its file is the answer
+            if latest == values["steps"] and staged.is_file():
+                result = None  # this very run already finished: its file is the answer
+            else:
+                if latest >= values["steps"]:
+                    shutil.rmtree(state, ignore_errors=True)  # asked for fewer steps than were done: a new run
+                try:
+                    result = run(str(state) if 0 < latest < values["steps"] else None)
+                except TrainingError as err:
+                    if "was trained with other settings" not in str(err) and "another base model" not in str(err):
+                        raise
+                    shutil.rmtree(state, ignore_errors=True)  # a different run: start it from scratch
+                    result = run(None)
         except TrainingStopped:
-            common.raise_if_interrupted()  # ComfyUI's Cancel: the checkpoint is saved
-            raise
+            cancel.stop()  # ComfyUI's Cancel; the checkpoint is saved
         finally:
             common.release()
         final.parent.mkdir(parents=True, exist_ok=True)

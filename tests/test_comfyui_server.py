@@ -29,6 +29,7 @@ from conftest import REPO_ROOT, require_comfyui
 PACK_NAME = "ComfyUI-DreamBooth-LoRA"  # the folder name a `git clone` by ComfyUI-Manager gives
 NODE_ID = "DBLoRA_InspectCheckpoint"
 CHECKPOINT = "tiny-sd1.safetensors"
+FULL_CHECKPOINT = "sd15-full.safetensors"  # ComfyUI's own loader detects only real architectures
 STARTUP_TIMEOUT_S = 120
 PROMPT_TIMEOUT_S = 60
 
@@ -43,6 +44,7 @@ class Server:
     url: str
     log_path: Path
     startup_s: float
+    base: Path  # ComfyUI's --base-directory: models/, input/, output/
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -80,6 +82,8 @@ def server(tmp_path_factory, artifacts) -> Iterator[Server]:
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     (base / "models" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(fixture_path("sd1-tiny"), base / "models" / "checkpoints" / CHECKPOINT)
+    (base / "models" / "checkpoints" / FULL_CHECKPOINT).symlink_to(fixture_path("sd15-full"))
+    _subject_photos(base / "input" / "my_subject")
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -107,7 +111,7 @@ def server(tmp_path_factory, artifacts) -> Iterator[Server]:
             time.sleep(0.25)
         startup_s = time.perf_counter() - started
         print(f"\nComfyUI server answered after {startup_s:.1f} s (log: {log_path})")
-        yield Server(url, log_path, startup_s)
+        yield Server(url, log_path, startup_s, base)
     finally:
         process.terminate()
         try:
@@ -115,6 +119,19 @@ def server(tmp_path_factory, artifacts) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
+
+
+def _subject_photos(folder: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = (rng.random((72, 80, 3)) * 60).astype(np.uint8)
+        pixels[16:56, 16 + 4 * i:56 + 4 * i] = (220, 40, 30)
+        Image.fromarray(pixels).save(folder / f"photo_{i}.png")
+    shutil.copyfile(folder / "photo_0.png", folder.parent / "my_subject.png")
 
 
 def _traceback_blocks(lines: list[str]) -> list[str]:
@@ -178,17 +195,20 @@ def _prompt(node_inputs: dict) -> dict:
     return {"prompt": {"1": {"class_type": NODE_ID, "inputs": node_inputs}}, "client_id": "test"}
 
 
-def _wait_for(server: Server, prompt_id: str) -> dict:
+def _wait_for(server: Server, prompt_id: str, timeout: float = PROMPT_TIMEOUT_S) -> dict:
     """The prompt's history entry once it has finished (with success or an error)."""
-    deadline = time.perf_counter() + PROMPT_TIMEOUT_S
+    deadline = time.perf_counter() + timeout
     while True:
-        entry = _get(f"{server.url}/history/{prompt_id}").get(prompt_id)
+        try:
+            entry = _get(f"{server.url}/history/{prompt_id}").get(prompt_id)
+        except (TimeoutError, urllib.error.URLError):  # a busy 2-core machine can answer slowly
+            entry = None
         status = (entry or {}).get("status") or {}
         # Outputs are recorded together with the final status, so wait for completion or an error.
         if status.get("completed") or status.get("status_str") == "error":
             return entry
         assert time.perf_counter() < deadline, \
-            f"prompt {prompt_id} did not finish in {PROMPT_TIMEOUT_S} s:\n{_tail(server.log_path)}"
+            f"prompt {prompt_id} did not finish in {timeout} s:\n{_tail(server.log_path)}"
         time.sleep(0.25)
 
 
@@ -221,3 +241,103 @@ def test_bad_inputs_are_refused_when_queued(server, inputs, phrase):
     body = json.loads(caught.value.read())
     errors = body["node_errors"]["1"]["errors"]
     assert any(e["type"] == "custom_validation_failed" and phrase in e["details"] for e in errors), body
+
+
+# --- the example workflows, queued over HTTP ---------------------------------------------------
+
+WORKFLOWS = REPO_ROOT / "tests" / "workflows"
+OUR_NODES = ("DBLoRA_InspectCheckpoint", "DBLoRA_LoadBaseModel", "DBLoRA_InstanceImages", "DBLoRA_SuggestIdentifier",
+             "DBLoRA_ClassPriors", "DBLoRA_Train", "DBLoRA_Sampler", "DBLoRA_Grid", "DBLoRA_Evaluate")
+
+
+def _workflow(name: str, **changes) -> dict:
+    """An API-format example workflow with some inputs changed: {"<node id>.<input>": value}."""
+    prompt = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    for key, value in changes.items():
+        node, field = key.split(".", 1)
+        prompt[node]["inputs"][field] = value
+    return prompt
+
+
+def _queue(server: Server, prompt: dict) -> str:
+    queued = _post(f"{server.url}/prompt", {"prompt": prompt, "client_id": "test"})
+    assert not queued.get("node_errors"), queued
+    return queued["prompt_id"]
+
+
+def test_every_node_is_published_with_its_inputs(server):
+    info = _get(f"{server.url}/object_info")
+    for node_id in OUR_NODES:
+        assert node_id in info, f"{node_id} missing from /object_info"
+        schema = info[node_id]
+        for part in ("required", "optional"):
+            for name, spec in schema["input"].get(part, {}).items():
+                assert (spec[1] if len(spec) > 1 else {}).get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize("name", ["train_subject", "stock_lora_sampling", "evaluate_lora"])
+def test_ui_workflows_say_what_their_api_copies_say(server, name):
+    import workflow_format
+
+    info = _get(f"{server.url}/object_info")
+    ui = json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
+    assert workflow_format.from_ui(ui, info) == json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+
+
+SMALL_TRAINING = {
+    "1.ckpt_name": FULL_CHECKPOINT, "2.folder": "", "2.resolution": 64,
+    "3.num_class_images": 2, "3.steps": 2, "3.resolution": 64, "3.batch_size": 2, "3.preview_count": 2,
+    "4.steps": 2, "4.rank": 4, "4.alpha": 4.0, "4.save_every": 1, "4.validation_prompts": "",
+    "5.steps": 2, "5.width": 64, "5.height": 64, "5.x": "unet-scale=0,1", "5.y": "guidance=4",
+}
+
+
+def test_train_workflow_then_the_stock_lora_loader_uses_the_lora(server):
+    folder = str(server.base / "input" / "my_subject")
+    prompt_id = _queue(server, _workflow("train_subject", **{**SMALL_TRAINING, "2.folder": folder}))
+    entry = _wait_for(server, prompt_id, timeout=300)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages"), indent=1)[-3000:]
+    lora = server.base / "models" / "loras" / "sks_dog.safetensors"
+    assert lora.is_file(), "the training workflow wrote no LoRA into models/loras"
+    assert entry["outputs"]["6"]["images"], "the grid produced no image"
+
+    stock = _workflow("stock_lora_sampling", **{"1.ckpt_name": FULL_CHECKPOINT, "5.width": 64, "5.height": 64,
+                                                "6.steps": 2})
+    assert stock["2"]["inputs"]["lora_name"] == lora.name
+    entry = _wait_for(server, _queue(server, stock), timeout=120)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages"), indent=1)[-3000:]
+    images = entry["outputs"]["8"]["images"]
+    assert images and (server.base / "output" / images[0]["filename"]).is_file()
+    log = server.log().lower()
+    assert "lora key not loaded" not in log and "error lora" not in log
+
+
+def test_cancel_during_training_returns_to_idle_and_leaves_a_checkpoint(server):
+    from dreambooth_lora.trainer.checkpoint import list_checkpoints
+
+    folder = str(server.base / "input" / "my_subject")
+    long_run = _workflow("train_subject", **{**SMALL_TRAINING, "2.folder": folder, "4.steps": 100000,
+                                             "4.lora_name": "cancelled", "4.save_every": 0,
+                                             "4.prior_preservation": "base_model"})
+    prompt_id = _queue(server, long_run)
+    started = server.log().count("training:")
+    deadline = time.perf_counter() + 120
+    while server.log().count("training:") == started:  # tqdm's bar: the loop is running
+        assert time.perf_counter() < deadline, _tail(server.log_path)
+        time.sleep(0.2)
+    time.sleep(1.0)
+    request = urllib.request.Request(f"{server.url}/interrupt", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).read()  # answers with an empty body
+    interrupted = time.perf_counter()
+    while _get(f"{server.url}/queue")["queue_running"]:
+        assert time.perf_counter() - interrupted < 15, "the server is still busy 15 s after /interrupt"
+        time.sleep(0.2)
+    idle_after = time.perf_counter() - interrupted
+    entry = _get(f"{server.url}/history/{prompt_id}")[prompt_id]
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    checkpoints = list_checkpoints(server.base / "output" / "dreambooth_lora" / "cancelled.state")
+    print(f"\nidle {idle_after:.1f} s after /interrupt; checkpoint {checkpoints[-1].name if checkpoints else None}")
+    assert checkpoints and (checkpoints[-1] / "trainer.json").is_file()
+    assert not (server.base / "models" / "loras" / "cancelled.safetensors").exists()
