@@ -10,10 +10,10 @@ from comfy_api.latest import ComfyExtension, io
 from .data import ClassPriors, InstanceImages, LoadBaseModel, SuggestIdentifier
 from .models import InspectCheckpoint
 from .sampling import Evaluate, LoRAGrid, LoRASampler
-from .training import TrainDreamBoothLoRA
+from .training import SaveLoRAStep, TrainDreamBoothLoRA
 
 NODES = [InspectCheckpoint, LoadBaseModel, InstanceImages, SuggestIdentifier, ClassPriors, TrainDreamBoothLoRA,
-         LoRASampler, LoRAGrid, Evaluate]
+         SaveLoRAStep, LoRASampler, LoRAGrid, Evaluate]
 
 
 class DreamBoothLoRAExtension(ComfyExtension):

@@ -28,19 +28,29 @@ class LoadBaseModel(io.ComfyNode):
                         "and sampled with. Loaded lazily by the nodes that need it, offline.",
             inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
                                    tooltip="A checkpoint from ComfyUI's models/checkpoints folder."),
-                    *LOAD_OPTIONS.node_inputs(io)],
+                    *LOAD_OPTIONS.node_inputs(io),
+                    io.String.Input("diffusers_folder", default="", optional=True,
+                                    tooltip="A diffusers model folder (with model_index.json) to use instead of "
+                                            "ckpt_name; empty = use ckpt_name.")],
             outputs=[io.Custom(common.BASE_TYPE).Output(display_name="base", tooltip="The base model, for the "
                                                                                      "DreamBooth LoRA nodes.")])
 
     @classmethod
-    def validate_inputs(cls, ckpt_name: str, dtype: str, prediction_type: str) -> bool | str:
-        if ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+    def validate_inputs(cls, ckpt_name: str, dtype: str, prediction_type: str,
+                        diffusers_folder: str = "") -> bool | str:
+        if isinstance(diffusers_folder, str) and diffusers_folder.strip():
+            if not (Path(diffusers_folder.strip()).expanduser() / "model_index.json").is_file():
+                return f"diffusers_folder: {diffusers_folder!r} has no model_index.json; give a diffusers model folder."
+        elif ckpt_name not in folder_paths.get_filename_list("checkpoints"):
             return f"ckpt_name: {ckpt_name!r} is not in ComfyUI's models/checkpoints folder."
         return LOAD_OPTIONS.node_problem({"dtype": dtype, "prediction_type": prediction_type}) or True
 
     @classmethod
-    def execute(cls, ckpt_name: str, dtype: str, prediction_type: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+    def execute(cls, ckpt_name: str, dtype: str, prediction_type: str, diffusers_folder: str = "") -> io.NodeOutput:
+        if diffusers_folder.strip():
+            path = str(Path(diffusers_folder.strip()).expanduser())
+        else:
+            path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         return io.NodeOutput({"path": path, "dtype": dtype, "prediction_type": prediction_type})
 
 

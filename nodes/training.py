@@ -124,3 +124,35 @@ class TrainDreamBoothLoRA(io.ComfyNode):
         steps = result.steps_done if result is not None else values["steps"]
         text = f"{final.name}: {steps} steps; state and checkpoints in {state}"
         return io.NodeOutput(final.name, curve, ui={**ui.PreviewImage(curve, cls=cls).as_dict(), "text": [text]})
+
+
+class SaveLoRAStep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DBLoRA_SaveStep", display_name="Save LoRA of a Training Step (DreamBooth LoRA)",
+            category=CATEGORY,
+            description="Copies the LoRA of one saved checkpoint of a training run (e.g. the step Evaluate or "
+                        "a grid liked best) into models/loras under a new name, for the stock LoraLoader.",
+            inputs=[io.String.Input("lora_name", default="dreambooth_lora.safetensors", force_input=True,
+                                    tooltip="The training's LoRA (Train DreamBooth LoRA's lora_name output)."),
+                    io.Int.Input("step", default=0, min=0, max=1_000_000,
+                                 tooltip="The checkpoint step to save (0 = the final LoRA)."),
+                    io.String.Input("save_as", default="dreambooth_lora_step",
+                                    tooltip="File name in models/loras (without .safetensors).")],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The file written into models/loras.")],
+            is_output_node=True)
+
+    @classmethod
+    def execute(cls, lora_name: str, step: int, save_as: str) -> io.NodeOutput:
+        from ..converters.core import output_path_in
+        from ..sampling.core import step_lora
+
+        trained = Path(folder_paths.get_output_directory()) / "dreambooth_lora" / lora_name
+        source = Path(step_lora(str(trained), step)) if step else \
+            Path(folder_paths.get_full_path_or_raise("loras", lora_name))
+        final = output_path_in(folder_paths.get_folder_paths("loras")[0], f"{save_as}.safetensors")
+        temporary = final.with_name(f".{final.name}.tmp")
+        shutil.copyfile(source, temporary)
+        temporary.replace(final)
+        return io.NodeOutput(final.name, ui=ui.PreviewText(f"{final.name} ← {source}"))

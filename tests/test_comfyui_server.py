@@ -247,7 +247,8 @@ def test_bad_inputs_are_refused_when_queued(server, inputs, phrase):
 
 WORKFLOWS = REPO_ROOT / "tests" / "workflows"
 OUR_NODES = ("DBLoRA_InspectCheckpoint", "DBLoRA_LoadBaseModel", "DBLoRA_InstanceImages", "DBLoRA_SuggestIdentifier",
-             "DBLoRA_ClassPriors", "DBLoRA_Train", "DBLoRA_Sampler", "DBLoRA_Grid", "DBLoRA_Evaluate")
+             "DBLoRA_ClassPriors", "DBLoRA_Train", "DBLoRA_SaveStep", "DBLoRA_Sampler", "DBLoRA_Grid",
+             "DBLoRA_Evaluate")
 
 
 def _workflow(name: str, **changes) -> dict:
@@ -294,12 +295,21 @@ SMALL_TRAINING = {
 
 def test_train_workflow_then_the_stock_lora_loader_uses_the_lora(server):
     folder = str(server.base / "input" / "my_subject")
-    prompt_id = _queue(server, _workflow("train_subject", **{**SMALL_TRAINING, "2.folder": folder}))
+    # with a validation preview after each step: sent through ComfyUI's real progress hook
+    previews = {"4.validation_prompts": "a photo of {id} {class}", "4.validation_every": 1, "4.validation_steps": 2}
+    prompt_id = _queue(server, _workflow("train_subject", **{**SMALL_TRAINING, "2.folder": folder, **previews}))
     entry = _wait_for(server, prompt_id, timeout=300)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages"), indent=1)[-3000:]
     lora = server.base / "models" / "loras" / "sks_dog.safetensors"
     assert lora.is_file(), "the training workflow wrote no LoRA into models/loras"
+    samples = server.base / "output" / "dreambooth_lora" / "sks_dog.state" / "samples"
+    assert sorted(p.name for p in samples.glob("*.png")) == ["step-000001.png", "step-000002.png"]
     assert entry["outputs"]["6"]["images"], "the grid produced no image"
+    # the same graph again: ComfyUI's cache answers, nothing is trained
+    trainings = server.log().count("training:")
+    again = _wait_for(server, _queue(server, _workflow("train_subject", **{**SMALL_TRAINING, "2.folder": folder,
+                                                                           **previews})))
+    assert again["status"]["status_str"] == "success" and server.log().count("training:") == trainings
 
     stock = _workflow("stock_lora_sampling", **{"1.ckpt_name": FULL_CHECKPOINT, "5.width": 64, "5.height": 64,
                                                 "6.steps": 2})
@@ -341,3 +351,58 @@ def test_cancel_during_training_returns_to_idle_and_leaves_a_checkpoint(server):
     print(f"\nidle {idle_after:.1f} s after /interrupt; checkpoint {checkpoints[-1].name if checkpoints else None}")
     assert checkpoints and (checkpoints[-1] / "trainer.json").is_file()
     assert not (server.base / "models" / "loras" / "cancelled.safetensors").exists()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    """The server's own ComfyUI frontend in headless Chromium (system chromium, driven by Playwright)."""
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
+    if chromium is None:
+        message = "headless Chromium + Playwright are not installed (bash .ci/setup installs them)"
+        if os.environ.get("DBLORA_REQUIRE_COMFYUI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    # a first start opens the template browser over the canvas; mark the tutorial as done
+    request = urllib.request.Request(f"{server.url}/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).read()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1800, "height": 1000})
+        page.goto(server.url)
+        page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90_000)
+        yield page
+        browser.close()
+
+
+@pytest.mark.parametrize("name", ["train_subject", "stock_lora_sampling", "evaluate_lora"])
+def test_workflow_opens_in_the_frontend_without_missing_nodes(browser_page, artifacts, name):
+    ui = json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
+    result = browser_page.evaluate("""async (workflow) => {
+        await window.app.loadGraphData(workflow);
+        const known = window.LiteGraph.registered_node_types;
+        const missing = workflow.nodes.map(n => n.type).filter(t => !(t in known));
+        const prompt = await window.app.graphToPrompt();
+        return {missing, prompt: prompt.output};
+    }""", ui)
+    browser_page.wait_for_timeout(500)
+    text = browser_page.inner_text("body").lower()  # a missing-node dialog would say so here
+    browser_page.keyboard.press("Escape")
+    browser_page.evaluate("() => { window.app.canvas.ds.scale = 0.62; window.app.canvas.ds.offset = [90, 140]; "
+                          "window.app.canvas.setDirty(true, true); }")
+    browser_page.wait_for_timeout(300)
+    browser_page.screenshot(path=str(artifacts / f"frontend-{name}.png"))
+    assert result["missing"] == [], result["missing"]
+    assert "nodes are missing" not in text and "missing node" not in text
+    # what the real frontend makes of the UI file is exactly our API copy
+    expected = json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    got = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["prompt"].items()}
+    assert got == expected

@@ -99,6 +99,20 @@ def test_base_photos_train_sample_grid(comfy_dirs):
                                                **{k: v for k, v in sample.items() if k != "seed"})).args[0]
     assert grid.shape[0] == 1 and grid.shape[2] > 2 * 64
     assert LoRAGrid.validate_inputs(x="colour=1", y="seed=1") is not True
+    # the LoRA of checkpoint step 2, saved under its own name for the stock loader
+    from dreambooth_lora.nodes.training import SaveLoRAStep
+
+    saved = run(SaveLoRAStep, lora_name=name, step=2, save_as="sks_dog_step2").args[0]
+    assert (comfy_dirs / "loras" / saved).read_bytes() == (
+        comfy_dirs / "output" / "dreambooth_lora" / "sks_dog.state" / "step-000002" / "lora.safetensors").read_bytes()
+    # a changed photo folder is a different input for ComfyUI's cache; an unchanged one is not
+    folder = comfy_dirs / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"1")
+    first = InstanceImages.fingerprint_inputs(folder=str(folder))
+    assert InstanceImages.fingerprint_inputs(folder=str(folder)) == first
+    (folder / "b.png").write_bytes(b"2")
+    assert InstanceImages.fingerprint_inputs(folder=str(folder)) != first
 
 
 def test_cancel_stops_training_keeps_a_checkpoint_and_queueing_again_resumes(comfy_dirs):
@@ -126,3 +140,19 @@ def test_cancel_stops_training_keeps_a_checkpoint_and_queueing_again_resumes(com
     assert (comfy_dirs / "loras" / name).is_file()
     rows = (state / "log.jsonl").read_text().splitlines()
     assert len(rows) == 6  # steps 1-6: the first from before the cancel, the rest resumed
+
+
+def test_base_model_from_a_diffusers_folder(comfy_dirs, tiny):
+    from dreambooth_lora.models.core import load_base_model, save_diffusers_folder
+    from dreambooth_lora.nodes.data import LoadBaseModel
+    from dreambooth_lora.nodes.sampling import LoRASampler
+
+    folder = save_diffusers_folder(load_base_model(tiny["sd1-tiny"]), comfy_dirs / "diffusers_model")
+    assert "model_index.json" in LoadBaseModel.validate_inputs(ckpt_name="x", dtype="auto", prediction_type="auto",
+                                                               diffusers_folder=str(comfy_dirs))
+    base = run(LoadBaseModel, ckpt_name="tiny.safetensors", dtype="auto", prediction_type="auto",
+               diffusers_folder=str(folder)).args[0]
+    assert base["path"] == str(folder)
+    images = run(LoRASampler, base=base, **defaults(LoRASampler, lora_name="(none)", steps=2, width=64,
+                                                    height=64)).args[0]
+    assert images.shape == (1, 64, 64, 3)

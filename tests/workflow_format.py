@@ -61,6 +61,15 @@ def to_ui(api: dict, object_info: dict) -> dict:
                 links.append([link_id, int(source), slot, int(target), socket_index, slot_type])
                 incoming[(target, name)] = link_id
                 outgoing.setdefault((source, slot), []).append(link_id)
+    depth: dict[str, int] = {}
+
+    def level(node_id: str) -> int:  # columns by distance from the sources
+        if node_id not in depth:
+            sources = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+            depth[node_id] = 1 + max((level(s) for s in sources), default=-1)
+        return depth[node_id]
+
+    column_y: dict[int, int] = {}
     for order, node_id in enumerate(ids):
         node = api[node_id]
         info = object_info[node["class_type"]]
@@ -78,8 +87,12 @@ def to_ui(api: dict, object_info: dict) -> dict:
                     widgets.append("fixed")
         outputs = [{"name": name, "type": kind, "links": outgoing.get((node_id, slot), []), "slot_index": slot}
                    for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))]
-        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 380 * order, 80 + 60 * (order % 3)],
-                      "size": [340, 60 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": order, "mode": 0,
+        column = level(node_id)
+        height = 46 + 24 * (len(widgets) + max(len(inputs), len(outputs)))
+        y = column_y.get(column, 60)
+        column_y[column] = y + height + 50
+        nodes.append({"id": int(node_id), "type": node["class_type"], "pos": [40 + 400 * column, y],
+                      "size": [360, height], "flags": {}, "order": order, "mode": 0,
                       "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     return {"last_node_id": max(int(i) for i in ids), "last_link_id": link_id, "nodes": nodes, "links": links,
