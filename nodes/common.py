@@ -76,6 +76,17 @@ def raise_if_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+@contextmanager
+def cancellable() -> Iterator[None]:
+    """Our loops stop on Cancel with KeyboardInterrupt (the CLI's Ctrl-C); ComfyUI wants its own
+    exception, which marks the node as interrupted rather than failed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise_if_interrupted()
+        raise
+
+
 class CancelWatch:
     """Cancel as a long loop must see it. ComfyUI's progress hook raises on Cancel *and clears
     the flag*, so a progress update inside the training loop must not raise (the trainer would

@@ -174,15 +174,12 @@ class ClassPriors(io.ComfyNode):
         session = common.sampling_session(base)
         session.patcher.apply([])  # the bare base model
         progress = common.Progress(values["num_class_images"])
-        try:
+        with common.cancellable():  # finished images are kept
             result = generate_priors(session.base, base["path"], cache, values["num_class_images"],
                                      values["class_prompt"], values["negative_prompt"], values["steps"],
                                      values["guidance"], values["sampler"], values["seed"], values["batch_size"],
                                      values["resolution"], on_progress=lambda done, total: progress.set(done),
                                      should_stop=common.interrupted)
-        except KeyboardInterrupt:
-            common.raise_if_interrupted()  # ComfyUI's Cancel: its own exception; finished images are kept
-            raise
         shown = [Image.open(p).convert("RGB") for p in result.paths[:preview_count]]
         preview = common.images_to_tensor(shown) if shown else torch.zeros(1, 64, 64, 3)
         return io.NodeOutput(str(result.folder), preview, ui=ui.PreviewImage(preview, cls=cls) if shown else None)

@@ -64,12 +64,9 @@ class LoRASampler(io.ComfyNode):
         settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(options),
                                                _choice(lora_name, lora_file, unet_scale, te_scale))
         progress = common.Progress(settings.steps)
-        try:
+        with common.cancellable():
             samples = common.sampling_session(base).sample(settings, on_step=lambda done, total: progress.set(done),
                                                            should_stop=common.interrupted)
-        except KeyboardInterrupt:
-            common.raise_if_interrupted()
-            raise
         images = common.images_to_tensor([s.pixels for s in samples])
         return io.NodeOutput(images, samples[0].parameters, ui=ui.PreviewImage(images, cls=cls))
 
@@ -118,12 +115,9 @@ class LoRAGrid(io.ComfyNode):
         out.mkdir(parents=True, exist_ok=True)
         index = len(list(out.glob("grid_*.png")))
         progress = common.Progress(len(x_axis[1]) * len(y_axis[1]))
-        try:
+        with common.cancellable():
             result = make_grid(common.sampling_session(base), settings, x_axis, y_axis, out / f"grid_{index:05d}.png",
                                on_cell=lambda done, total: progress.set(done), should_stop=common.interrupted)
-        except KeyboardInterrupt:
-            common.raise_if_interrupted()
-            raise
         grid = common.images_to_tensor([Image.open(result.path).convert("RGB")])
         return io.NodeOutput(grid, ui=ui.PreviewImage(grid, cls=cls))
 
