@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..models.options import LOAD_OPTIONS
@@ -56,10 +57,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from .core import evaluate, image_prompt, read_images
 
     values = EVAL_OPTIONS.values(args)
-    generated = read_images(args.generated)
+    skipped: list = []
+    generated = read_images(args.generated, skipped)
     pairs = [(image, args.prompt or image_prompt(path) or "") for path, image in generated]
-    real = [image for _, image in read_images(args.real)]
-    classes = [image for _, image in read_images(args.class_generated)] if args.class_generated else []
+    real = [image for _, image in read_images(args.real, skipped)]
+    classes = [image for _, image in read_images(args.class_generated, skipped)] if args.class_generated else []
+    for path, why in skipped:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
     dino, clip = _evaluators(values)
     scores = evaluate(pairs, real, dino, clip, values["identifier"], classes)
     if clip is not None and clip.has_text and "clip_t" not in scores.values:

@@ -241,8 +241,9 @@ def _clip_vision_file(path: Path) -> Evaluator:
 # --- evaluating image sets ------------------------------------------------------------
 
 
-def read_images(folder: str | Path) -> list[tuple[Path, Any]]:
-    """Every image in ``folder`` (checked as the dataset stage checks them), with its path."""
+def read_images(folder: str | Path, skipped: list | None = None) -> list[tuple[Path, Any]]:
+    """Every image in ``folder`` (checked as the dataset stage checks them), with its path; an
+    unusable file is left out and, when ``skipped`` is given, listed there with its reason."""
     from ..data.core import IMAGE_SUFFIXES, open_image, to_rgb
 
     folder = Path(folder).expanduser()
@@ -252,8 +253,9 @@ def read_images(folder: str | Path) -> list[tuple[Path, Any]]:
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             found.append((path, to_rgb(open_image(path), "white")[0]))
-        except UserError:
-            continue
+        except UserError as err:
+            if skipped is not None:
+                skipped.append((path, str(err)))
     if not found:
         raise UserError(f"{folder}: holds no readable image.")
     return found

@@ -134,6 +134,10 @@ def test_eval_command_and_clear_errors(evaluators, tmp_path, capsys):
                  "--clip", str(evaluators / "clip"), "--identifier", "sks", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["scores"]) == {"dino", "clip_i", "clip_t", "div"}
+    (gen / "broken.png").write_bytes(b"not a png")  # left out, and said so
+    assert main(["eval", "--generated", str(gen), "--real", str(real), "--dino", str(evaluators / "dino")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and "broken.png" in err
     assert main(["eval", "--generated", str(gen), "--real", str(real)]) == 2
     assert "no evaluator model: pass --dino" in capsys.readouterr().err
     assert main(["eval", "--generated", str(gen), "--real", str(real), "--dino", str(tmp_path / "nope")]) == 2

@@ -156,3 +156,25 @@ def test_base_model_from_a_diffusers_folder(comfy_dirs, tiny):
     images = run(LoRASampler, base=base, **defaults(LoRASampler, lora_name="(none)", steps=2, width=64,
                                                     height=64)).args[0]
     assert images.shape == (1, 64, 64, 3)
+
+
+def test_identifier_and_evaluate_nodes(comfy_dirs):
+    import transformers
+
+    from dreambooth_lora.nodes.data import SuggestIdentifier
+    from dreambooth_lora.nodes.sampling import Evaluate
+
+    identifier, report = run(SuggestIdentifier, count=3, class_word="dog", min_token_id=20000).args
+    assert identifier and len(report.splitlines()) == 3 and f"{identifier} " in report and " id " in report
+    torch.manual_seed(0)
+    dino = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                        num_attention_heads=2, image_size=32, patch_size=8),
+                                 add_pooling_layer=False)
+    dino.save_pretrained(comfy_dirs / "dino")
+    rng = np.random.default_rng(2)
+    generated = torch.from_numpy(rng.random((3, 48, 48, 3)).astype(np.float32))
+    real = torch.from_numpy(rng.random((2, 40, 56, 3)).astype(np.float32))
+    report = run(Evaluate, **defaults(Evaluate, generated=generated, real=real, prompt="a sks dog",
+                                      dino=str(comfy_dirs / "dino"))).args[0]
+    assert report.splitlines()[0].split() == ["metric", "value", "real", "images"]
+    assert report.splitlines()[1].startswith("DINO")
