@@ -136,6 +136,17 @@ def training_mode() -> Iterator[None]:
         yield
 
 
+def copy_atomically(source, target) -> None:
+    """Copy a file so that ``target`` never exists half-written (ComfyUI lists models/loras live)."""
+    import shutil
+    from pathlib import Path
+
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    temporary.replace(target)
+
+
 def images_to_tensor(images: list) -> Any:
     """PIL images (same size) or float arrays → ComfyUI IMAGE [B, H, W, 3] in [0, 1]."""
     import numpy as np

@@ -115,9 +115,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
         finally:
             common.release()
         final.parent.mkdir(parents=True, exist_ok=True)
-        temporary = final.with_name(f".{final.name}.tmp")
-        shutil.copyfile(staged, temporary)
-        temporary.replace(final)  # atomic: the loras list never shows half a file
+        common.copy_atomically(staged, final)
         curve_path = state / "loss.png"
         curve = common.images_to_tensor([Image.open(curve_path).convert("RGB")]) if curve_path.exists() else \
             common.images_to_tensor([Image.new("RGB", (64, 64), "white")])
@@ -152,7 +150,5 @@ class SaveLoRAStep(io.ComfyNode):
         source = Path(step_lora(str(trained), step)) if step else \
             Path(folder_paths.get_full_path_or_raise("loras", lora_name))
         final = output_path_in(folder_paths.get_folder_paths("loras")[0], f"{save_as}.safetensors")
-        temporary = final.with_name(f".{final.name}.tmp")
-        shutil.copyfile(source, temporary)
-        temporary.replace(final)
+        common.copy_atomically(source, final)
         return io.NodeOutput(final.name, ui=ui.PreviewText(f"{final.name} ← {source}"))

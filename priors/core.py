@@ -244,18 +244,25 @@ def generate_priors(base, model_path: str, out: str | Path, num: int, prompt: st
 
 def _save_png(image, path: Path, settings: PriorSettings, seed: int) -> None:
     """Write a PNG with A1111-style ``parameters`` text (so it can be re-created), atomically."""
+    negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
+    write_png(image, path, f"{settings.prompt}{negative}\nSteps: {settings.steps}, Sampler: {settings.sampler}, "
+                           f"CFG scale: {settings.guidance}, Seed: {seed}, Size: {settings.width}x{settings.height}, "
+                           f"Model hash: {settings.model_fingerprint}")
+
+
+def write_png(image, path: Path, parameters: str) -> Path:
+    """A PNG with A1111-style ``parameters`` text, written atomically."""
     from io import BytesIO
 
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
-    info.add_text("parameters", f"{settings.prompt}{negative}\nSteps: {settings.steps}, Sampler: {settings.sampler}, "
-                                f"CFG scale: {settings.guidance}, Seed: {seed}, Size: {settings.width}x{settings.height}, "
-                                f"Model hash: {settings.model_fingerprint}")
+    info.add_text("parameters", parameters)
     buffer = BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, buffer.getvalue())
+    return path
 
 
 def user_class_images(folder: str | Path, resolution: int) -> list[Path]:

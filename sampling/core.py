@@ -372,19 +372,9 @@ class SamplingSession:
 
 def save_sample(sample: Sample, path: Path) -> Path:
     """The PNG with its ``parameters`` text, written atomically."""
-    from io import BytesIO
+    from ..priors.core import write_png
 
-    from PIL.PngImagePlugin import PngInfo
-
-    from ..priors.core import _write_atomically
-
-    info = PngInfo()
-    info.add_text("parameters", sample.parameters)
-    buffer = BytesIO()
-    sample.image.save(buffer, format="PNG", pnginfo=info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, buffer.getvalue())
-    return path
+    return write_png(sample.image, path, sample.parameters)
 
 
 def png_parameters(path: str | Path) -> str:
