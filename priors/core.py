@@ -127,15 +127,11 @@ def open_cache(root: str | Path, settings: PriorSettings) -> PriorCache:
     return cache
 
 
-def make_scheduler(name: str, noise_scheduler):
-    from ..sampling.core import make_scheduler as sampler_scheduler
-
-    return sampler_scheduler(name, noise_scheduler)
-
-
 def make_pipeline(base, sampler: str):
     """A diffusers text-to-image pipeline over the loaded components (nothing is copied)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..sampling.core import make_scheduler
 
     scheduler = make_scheduler(sampler, base.noise_scheduler)
     if base.family == "sdxl":

@@ -176,19 +176,14 @@ def token_count(tokenizer, text: str) -> int:
 def encode_prompt(base, text: str, chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states [1, 77·chunks, dim], SDXL pooled embedding [1, dim] or None), as the
     family's pipeline builds them per window; SDXL's pooled embedding is the first window's."""
+    from ..trainer.core import encode_ids
+
+    ids = [chunk_ids(tokenizer, text, chunks).to(next(encoder.parameters()).device)
+           for tokenizer, encoder in zip(base.tokenizers, base.text_encoders)]
+    hidden, pooled = encode_ids(base.family, base.text_encoders, ids)  # one row per window
     device = next(base.unet.parameters()).device
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
-        ids = chunk_ids(tokenizer, text, chunks).to(next(encoder.parameters()).device)
-        if base.family != "sdxl":
-            hidden.append(encoder(ids)[0].reshape(1, -1, encoder.config.hidden_size))
-            continue
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2].reshape(1, -1, encoder.config.hidden_size))
-        if hasattr(out, "text_embeds"):
-            pooled = out.text_embeds[:1]
-    embeds = torch.cat(hidden, dim=-1).to(device)
-    return embeds, None if pooled is None else pooled.to(device)
+    embeds = hidden.reshape(1, -1, hidden.shape[-1]).to(device)  # the windows one after another
+    return embeds, None if pooled is None else pooled[:1].to(device)
 
 
 # --- settings and their PNG record ----------------------------------------------------

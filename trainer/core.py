@@ -207,21 +207,25 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def encode_text(family: str, tokenizers: list, encoders: list, captions: list[str],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(encoder hidden states, SDXL pooled embedding or None), as the family's pipeline builds them:
-    SD1/SD2 the last hidden state; SDXL both encoders' penultimate hidden states side by side and
-    the second encoder's projected pooled output."""
+def encode_ids(family: str, encoders: list, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(encoder hidden states, SDXL pooled embedding or None) of token ids (one tensor per encoder),
+    as the family's pipeline builds them: SD1/SD2 the last hidden state; SDXL both encoders'
+    penultimate hidden states side by side and the second encoder's projected pooled output."""
     if family != "sdxl":
-        ids = tokenize(tokenizers[0], captions).to(device)
-        return encoders[0](ids)[0], None
+        return encoders[0](ids[0])[0], None
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders):
-        out = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
+    for encoder, encoder_ids in zip(encoders, ids):
+        out = encoder(encoder_ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         if hasattr(out, "text_embeds"):
             pooled = out.text_embeds
     return torch.cat(hidden, dim=-1), pooled
+
+
+def encode_text(family: str, tokenizers: list, encoders: list, captions: list[str],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``encode_ids`` of captions padded (or cut) to the tokenizers' 77 tokens, as in training."""
+    return encode_ids(family, encoders, [tokenize(tokenizer, captions).to(device) for tokenizer in tokenizers])
 
 
 def sdxl_time_ids(original_hw, crop_top_left, target_hw) -> list[float]:
