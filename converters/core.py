@@ -387,6 +387,9 @@ DISPLAY = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 def from_kohya(tensors: Mapping[str, torch.Tensor], structure: Structure, path: Path) -> Adapter:
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    # A1111's bundled embeddings ride along in some LoRA files; they are not layers (read them
+    # with converters.embeddings.read_embedding).
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
     for key, tensor in tensors.items():
         match = _KOHYA_KEY.match(key)
         if not match:
@@ -550,16 +553,17 @@ def structure_of_checkpoint(path: str | Path) -> Structure:
 
 def save_kohya(adapter: Adapter, path: str | Path, dtype: str = "fp16", overwrite: bool = False,
                keep_metadata: Mapping[str, str] | None = None, bake_alpha: bool = False,
-               **metadata_fields: Any) -> Path:
+               extra_tensors: Mapping[str, torch.Tensor] | None = None, **metadata_fields: Any) -> Path:
     """Write the kohya/A1111 file with its ss_*/modelspec metadata (atomically).
 
     ``keep_metadata`` (e.g. a converted file's training record) is kept except where our
-    computed keys (hash, architecture, network shape) supersede it.
+    computed keys (hash, architecture, network shape) supersede it. ``extra_tensors`` are
+    written as given (A1111's bundled embeddings, ``bundle_emb.*``).
     """
     from .metadata import build_metadata
 
     path = Path(path).expanduser()
-    tensors = to_kohya(adapter, SAVE_DTYPES[dtype], bake_alpha)
+    tensors = {**to_kohya(adapter, SAVE_DTYPES[dtype], bake_alpha), **dict(extra_tensors or {})}
     kept = dict(keep_metadata or {})
     kept.pop("lora_adapter_metadata", None)
     output_name = metadata_fields.pop("output_name", None) or kept.get("ss_output_name") or path.stem

@@ -21,7 +21,36 @@ def _lora_inputs() -> list:
             io.Float.Input("unet_scale", default=1.0, min=-4.0, max=4.0, step=0.05,
                            tooltip="Strength of the LoRA in the UNet (ComfyUI's strength_model)."),
             io.Float.Input("te_scale", default=1.0, min=-4.0, max=4.0, step=0.05,
-                           tooltip="Strength of the LoRA in the text encoder(s) (ComfyUI's strength_clip).")]
+                           tooltip="Strength of the LoRA in the text encoder(s) (ComfyUI's strength_clip)."),
+            io.String.Input("embedding_name", optional=True, default="", force_input=True,
+                            tooltip="An embedding from Train DreamBooth LoRA (models/embeddings): its learned tokens "
+                                    "are usable in the prompt as embedding:NAME or <s1><s2>. Embeddings named "
+                                    "embedding:NAME in the prompt are loaded from models/embeddings anyway.")]
+
+
+def _embeddings(embedding_name: str, *prompts: str) -> list[str]:
+    """Embedding files for the connected name and every embedding:NAME of the prompts, as ComfyUI's
+    CLIPTextEncode finds them (models/embeddings, with or without the extension)."""
+    import re
+
+    names = [embedding_name.strip()] if (embedding_name or "").strip() else []
+    for prompt in prompts:
+        names += [m.rstrip(",") for m in re.findall(r"embedding:([^\s,|]+)", prompt or "")]
+    found = []
+    for name in dict.fromkeys(names):
+        path = None
+        for candidate in (name, f"{name}.safetensors", f"{name}.pt"):
+            path = folder_paths.get_full_path("embeddings", candidate)
+            if path:
+                break
+        if path is None:
+            if name == (embedding_name or "").strip():
+                from ..errors import UserError
+
+                raise UserError(f"embedding_name: {name!r} is not in ComfyUI's models/embeddings folder.")
+            continue  # like CLIPTextEncode: an unknown embedding:NAME is left as text
+        found.append(path)
+    return found
 
 
 def _choice(lora_name: str, lora_file: str, unet_scale: float, te_scale: float) -> list:
@@ -58,11 +87,12 @@ class LoRASampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, base, lora_name: str, unet_scale: float, te_scale: float, lora_file: str = "",
-                **options) -> io.NodeOutput:
+                embedding_name: str = "", **options) -> io.NodeOutput:
         from ..sampling.core import SampleSettings
 
-        settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(options),
-                                               _choice(lora_name, lora_file, unet_scale, te_scale))
+        values = SAMPLE_OPTIONS.values(options)
+        settings = SampleSettings.from_options(values, _choice(lora_name, lora_file, unet_scale, te_scale),
+                                               _embeddings(embedding_name, values["prompt"], values["negative"]))
         progress = common.Progress(settings.steps)
         with common.cancellable():
             samples = common.sampling_session(base).sample(settings, on_step=lambda done, total: progress.set(done),
@@ -101,15 +131,18 @@ class LoRAGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, base, lora_name: str, unet_scale: float, te_scale: float, x: str, y: str, lora_file: str = "",
-                **options) -> io.NodeOutput:
+                embedding_name: str = "", **options) -> io.NodeOutput:
         from pathlib import Path
 
         from PIL import Image
 
         from ..sampling.core import SampleSettings, make_grid, parse_axis
 
-        settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(options),
-                                               _choice(lora_name, lora_file, unet_scale, te_scale))
+        values = SAMPLE_OPTIONS.values(options)
+        prompts = [values["prompt"], values["negative"]] + ([y[len("prompt="):]] if y.startswith("prompt=") else []) + \
+            ([x[len("prompt="):]] if x.startswith("prompt=") else [])
+        settings = SampleSettings.from_options(values, _choice(lora_name, lora_file, unet_scale, te_scale),
+                                               _embeddings(embedding_name, *prompts))
         x_axis, y_axis = parse_axis(x), parse_axis(y)
         out = Path(folder_paths.get_output_directory()) / "dreambooth_lora" / "grids"
         out.mkdir(parents=True, exist_ok=True)

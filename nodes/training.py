@@ -34,8 +34,10 @@ class TrainDreamBoothLoRA(io.ComfyNode):
             node_id="DBLoRA_Train", display_name="Train DreamBooth LoRA", category=CATEGORY,
             description="Trains a LoRA that binds the identifier to the subject, with prior preservation, and "
                         "saves it (kohya/A1111 format) into ComfyUI's loras folder, where the stock LoraLoader "
-                        "lists it. Cancel stops within one step and keeps a checkpoint; queueing again with the "
-                        "same settings continues from it.",
+                        "lists it. With new_tokens it also learns new token embeddings (style mode: pivotal "
+                        "tuning; train_unet off: textual inversion alone) and saves them into models/embeddings "
+                        "as <lora_name>.safetensors: write embedding:<lora_name> in a prompt. Cancel stops within "
+                        "one step and keeps a checkpoint; queueing again with the same settings continues from it.",
             inputs=[io.Custom(common.BASE_TYPE).Input("base", tooltip="From Load Base Model."),
                     io.Custom(common.DATASET_TYPE).Input("dataset", tooltip="From Subject Photos."),
                     io.Custom(common.CLASS_IMAGES_TYPE).Input("class_images", optional=True,
@@ -45,8 +47,12 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                                     tooltip="File name in models/loras (without .safetensors)."),
                     CLASS_OPTIONS["class_prompt"].node_input(io),
                     *_inputs()],
-            outputs=[io.String.Output(display_name="lora_name", tooltip="The file written into models/loras."),
-                     io.Image.Output(display_name="loss_curve", tooltip="Instance and prior loss over the steps.")],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The file written into models/loras "
+                                                                         "(empty for textual inversion alone)."),
+                     io.Image.Output(display_name="loss_curve", tooltip="Instance and prior loss over the steps."),
+                     io.String.Output(display_name="embedding_name",
+                                      tooltip="The embedding written into models/embeddings (with new_tokens; else "
+                                              "empty): embedding:NAME in prompts, or connect it to a sampler.")],
             is_output_node=True)
 
     @classmethod
@@ -64,18 +70,26 @@ class TrainDreamBoothLoRA(io.ComfyNode):
         from ..converters.core import output_path_in
         from ..errors import UserError
         from ..trainer.checkpoint import list_checkpoints
-        from ..trainer.core import TrainingError, TrainingStopped, TrainJob, state_dir_for, train
+        from ..trainer.core import TrainingError, TrainingStopped, TrainJob, resolve_options, state_dir_for, train
 
         values = {**TRAIN_OPTIONS.values(options), "class_prompt": class_prompt,
                   **{k: dataset[k] for k in ("instance_prompt", "identifier", "class_word")},
                   "resolution": dataset["dataset"].resolution, "crop": dataset["dataset"].crop,
                   "flip": dataset["dataset"].flip}
+        values = resolve_options(values)
         if values["prior_preservation"] == "class_images" and not class_images:
             raise UserError("prior_preservation is class_images but no class images are connected: add a Class "
                             "Prior Images node, or set prior_preservation to base_model (no class images needed).")
         work = Path(folder_paths.get_output_directory()) / "dreambooth_lora"
         final = output_path_in(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
         staged = output_path_in(work, f"{lora_name}.safetensors")
+        tokens = values["new_tokens"] > 0
+        lora_due = values["train_unet"] or values["train_text_encoder"]
+        # the embedding is named like the LoRA (embedding:<lora_name>); alone, it is the output itself
+        staged_embedding = (output_path_in(work / "embeddings", f"{lora_name}.safetensors") if lora_due else staged) \
+            if tokens else None
+        final_embedding = output_path_in(folder_paths.get_folder_paths("embeddings")[0], f"{lora_name}.safetensors") \
+            if tokens else None
         state = state_dir_for(staged)
         progress = common.Progress(values["steps"])
         cancel = common.CancelWatch()
@@ -86,7 +100,8 @@ class TrainDreamBoothLoRA(io.ComfyNode):
             with common.training_mode():  # the model too: weights made under inference_mode cannot train
                 job = TrainJob(base=base["path"], output=str(staged), options=values,
                                instance_dataset=dataset["dataset"], class_dir=class_images, resume=resume,
-                               overwrite=True, base_model=common.load_base(base))
+                               overwrite=True, base_model=common.load_base(base),
+                               embedding_output=str(staged_embedding) if staged_embedding else None)
                 return train(job, should_stop=cancel,
                              on_step=lambda row: cancel.quietly(progress.set, row["step"]),
                              on_preview=lambda path: cancel.quietly(progress.set, progress_step(path),
@@ -114,14 +129,21 @@ class TrainDreamBoothLoRA(io.ComfyNode):
             cancel.stop()  # ComfyUI's Cancel; the checkpoint is saved
         finally:
             common.release()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        common.copy_atomically(staged, final)
+        if lora_due:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            common.copy_atomically(staged, final)
+        if final_embedding is not None:
+            final_embedding.parent.mkdir(parents=True, exist_ok=True)
+            common.copy_atomically(staged_embedding, final_embedding)
         curve_path = state / "loss.png"
         curve = common.images_to_tensor([Image.open(curve_path).convert("RGB")]) if curve_path.exists() else \
             common.images_to_tensor([Image.new("RGB", (64, 64), "white")])
         steps = result.steps_done if result is not None else values["steps"]
-        text = f"{final.name}: {steps} steps; state and checkpoints in {state}"
-        return io.NodeOutput(final.name, curve, ui={**ui.PreviewImage(curve, cls=cls).as_dict(), "text": [text]})
+        written = ([f"models/loras/{final.name}"] if lora_due else []) + \
+            ([f"models/embeddings/{final_embedding.name} (embedding:{final_embedding.stem})"] if tokens else [])
+        text = f"{' and '.join(written)}: {steps} steps; state and checkpoints in {state}"
+        return io.NodeOutput(final.name if lora_due else "", curve, final_embedding.name if tokens else "",
+                             ui={**ui.PreviewImage(curve, cls=cls).as_dict(), "text": [text]})
 
 
 class SaveLoRAStep(io.ComfyNode):

@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "seed, sampler, LoRAs and scales); the other sampling options are then ignored.")
     sample.add_argument("--lora-dir", action="append", default=[], help="Where --recreate looks for the image's "
                         "LoRAs (by name, then by hash in sub-folders); repeatable.")
+    sample.add_argument("--embedding-dir", action="append", default=[], help="Where --recreate looks for the "
+                        "image's embeddings (its 'TI hashes'); repeatable.")
     sample.set_defaults(run=run_sample)
 
     grid = subparsers.add_parser(
@@ -45,6 +47,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="The base checkpoint (.safetensors/.ckpt or diffusers folder).")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:UNET[:TE]]",
                         help="A LoRA file (kohya/A1111, LyCORIS, PEFT or diffusers) and its scales; repeatable.")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                        help="A textual-inversion embedding (A1111/ComfyUI format, e.g. the _emb file of a training "
+                             "with --new-tokens); prompts use it as embedding:NAME, NAME (its file name) or the tokens "
+                             "it was trained as (<s1><s2>). Repeatable.")
     LOAD_OPTIONS.add_to_parser(parser)
 
 
@@ -64,9 +70,11 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.recreate:
         dirs = args.lora_dir or [str(Path(p.split(":")[0]).parent) for p in args.lora]
-        settings = settings_from_parameters(png_parameters(args.recreate), dirs)
+        embedding_dirs = args.embedding_dir or [str(Path(p).parent) for p in args.embedding]
+        settings = settings_from_parameters(png_parameters(args.recreate), dirs, embedding_dirs)
     else:
-        settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(args), [parse_lora(t) for t in args.lora])
+        settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(args), [parse_lora(t) for t in args.lora],
+                                               args.embedding)
     session = _session(args)
     out = Path(args.out).expanduser()
     for sample in session.sample(settings):
@@ -80,7 +88,8 @@ def run_grid(args: argparse.Namespace) -> int:
 
     from .core import SampleSettings, make_grid, parse_axis, parse_lora
 
-    settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(args), [parse_lora(t) for t in args.lora])
+    settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(args), [parse_lora(t) for t in args.lora],
+                                           args.embedding)
     x_axis, y_axis = parse_axis(args.x), parse_axis(args.y)
     session = _session(args)
     with tqdm(total=len(x_axis[1]) * len(y_axis[1]), unit="img", desc="grid") as bar:

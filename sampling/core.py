@@ -201,25 +201,31 @@ class SampleSettings:
     sampler: str = "euler_a"
     batch: int = 1
     loras: list[LoraChoice] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)  # embedding files (textual inversion) the prompts may use
 
     @classmethod
-    def from_options(cls, values: dict, loras: Iterable[LoraChoice] = ()) -> "SampleSettings":
+    def from_options(cls, values: dict, loras: Iterable[LoraChoice] = (), embeddings: Iterable[str] = ()) -> "SampleSettings":
         return cls(**{k: values[k] for k in ("prompt", "negative", "seed", "steps", "guidance", "width", "height",
-                                             "sampler", "batch")}, loras=list(loras))
+                                             "sampler", "batch")}, loras=list(loras), embeddings=list(embeddings))
 
 
 def parameters_text(settings: SampleSettings, seed: int, width: int, height: int, model_name: str,
-                    model_hash: str, lora_hashes: dict[str, str]) -> str:
+                    model_hash: str, lora_hashes: dict[str, str], ti_hashes: dict[str, str] | None = None,
+                    prompt: str | None = None, negative: str | None = None) -> str:
     """A1111's ``parameters`` text for one image. LoRAs are prompt tags in A1111's named form
-    ``<lora:NAME:te=T:unet=U>`` (A1111's positional form is te first, then unet)."""
+    ``<lora:NAME:te=T:unet=U>`` (A1111's positional form is te first, then unet); embeddings are
+    named by their bare name in the prompt (A1111's syntax) and listed in ``TI hashes``."""
     tags = "".join(f" <lora:{c.name}:te={c.te_scale:g}:unet={c.unet_scale:g}>" for c in settings.loras)
-    lines = [settings.prompt + tags]
-    if settings.negative:
-        lines.append(f"Negative prompt: {settings.negative}")
+    lines = [(settings.prompt if prompt is None else prompt) + tags]
+    negative = settings.negative if negative is None else negative
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
     fields = [("Steps", settings.steps), ("Sampler", SAMPLERS[settings.sampler][2]), ("CFG scale", f"{settings.guidance:g}"),
               ("Seed", seed), ("Size", f"{width}x{height}"), ("Model hash", model_hash), ("Model", model_name)]
     if lora_hashes:
         fields.append(("Lora hashes", '"' + ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) + '"'))
+    if ti_hashes:
+        fields.append(("TI hashes", '"' + ", ".join(f"{n}: {h}" for n, h in ti_hashes.items()) + '"'))
     fields.append(("Generator", "ComfyUI-DreamBooth-LoRA"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
@@ -254,9 +260,11 @@ def read_parameters(text: str) -> dict[str, Any]:
             "fields": fields}
 
 
-def settings_from_parameters(text: str, lora_dirs: Sequence[str | Path] = ()) -> SampleSettings:
+def settings_from_parameters(text: str, lora_dirs: Sequence[str | Path] = (),
+                             embedding_dirs: Sequence[str | Path] = ()) -> SampleSettings:
     """The settings that made an image, from its ``parameters`` text. LoRA tags are found as
-    NAME.safetensors in ``lora_dirs`` or, by their recorded hash, anywhere below them."""
+    NAME.safetensors in ``lora_dirs`` or, by their recorded hash, anywhere below them; the
+    embeddings of ``TI hashes`` the same way in ``embedding_dirs`` (and ``lora_dirs``)."""
     from ..priors.core import model_fingerprint
 
     parsed = read_parameters(text)
@@ -279,6 +287,17 @@ def settings_from_parameters(text: str, lora_dirs: Sequence[str | Path] = ()) ->
             where = ", ".join(str(d) for d in lora_dirs) or "nowhere (pass --lora-dir)"
             raise UserError(f"LoRA {name!r} of the image is not in {where}; pass the folder that holds it.")
         settings.loras.append(LoraChoice(str(found[0]), unet, te))
+    ti_hashes = dict(item.split(": ", 1) for item in fields.get("TI hashes", "").split(", ") if ": " in item)
+    dirs = [*embedding_dirs, *lora_dirs]
+    for name, digest in ti_hashes.items():
+        found = [p for d in dirs if (p := Path(d).expanduser() / f"{name}.safetensors").is_file()]
+        if not found:
+            found = [p for d in dirs for p in sorted(Path(d).expanduser().rglob("*.safetensors"))
+                     if model_fingerprint(p)[:12] == digest]
+        if not found:
+            where = ", ".join(str(d) for d in dirs) or "nowhere (pass --embedding-dir)"
+            raise UserError(f"embedding {name!r} of the image is not in {where}; pass the folder that holds it.")
+        settings.embeddings.append(str(found[0]))
     return settings
 
 
@@ -305,6 +324,59 @@ class SamplingSession:
         self.patcher = LoraPatcher(base)
         self.pipelines: dict[str, Any] = {}
         self._lora_hashes: dict[str, str] = {}
+        self.embeddings: dict[str, Any] = {}  # name → (converters.embeddings.Embedding, its internal token text)
+        self._embedding_files: dict[str, str] = {}  # resolved path → name
+
+    # --- embeddings (textual inversion / pivotal tuning) -------------------------------
+
+    def load_embedding(self, path: str | Path, name: str | None = None):
+        """Make an embedding file usable in prompts as ``embedding:NAME`` (ComfyUI), ``NAME``
+        (A1111) or the tokens it was trained as (``<s1><s2>``): its vectors become tokens of
+        their own in each tokenizer and text encoder (nothing else changes)."""
+        from ..converters.embeddings import read_embedding
+        from ..trainer.tokens import add_tokens
+
+        key = str(Path(path).expanduser().resolve())
+        stamp = (Path(key).stat().st_mtime_ns, Path(key).stat().st_size) if Path(key).is_file() else None
+        if key in self._embedding_files and self._embedding_files[key][1] == stamp:
+            return self.embeddings[self._embedding_files[key][0]][0]  # unchanged since it was loaded
+        dims = [e.get_input_embeddings().embedding_dim for e in self.base.text_encoders]
+        embedding = read_embedding(key, self.base.family, dims, name)
+        owner = next((k for k, (n, _) in self._embedding_files.items() if n == embedding.name), key)
+        if owner != key:
+            raise UserError(f"{path}: another embedding called {embedding.name!r} is loaded ({owner}); rename one "
+                            "of the files.")
+        internal = [f"<emb:{embedding.name}:{i}>" for i in range(embedding.count)]
+        for tokenizer, encoder, vectors in zip(self.base.tokenizers, self.base.text_encoders, embedding.vectors):
+            add_tokens(tokenizer, encoder, internal, vectors)  # a changed file (retrained) replaces the rows
+        self.embeddings[embedding.name] = (embedding, "".join(internal))
+        self._embedding_files[key] = (embedding.name, stamp)
+        return embedding
+
+    def expand_prompt(self, text: str) -> str:
+        """The prompt with every loaded embedding's references replaced by its tokens."""
+        trained = {}
+        for name, (embedding, _) in self.embeddings.items():
+            if embedding.tokens:
+                trained.setdefault(embedding.tokens, []).append(name)
+        for name in sorted(self.embeddings, key=len, reverse=True):
+            embedding, internal = self.embeddings[name]
+            text = re.sub(rf"embedding:{re.escape(name)}(\.safetensors|\.pt)?(?![\w.-])", lambda _: internal, text)
+            if embedding.tokens and len(trained[embedding.tokens]) == 1:
+                text = text.replace(embedding.tokens, internal)
+            text = re.sub(rf"(?<![\w:<.-]){re.escape(name)}(?![\w>.-])", lambda _: internal, text)
+        return text
+
+    def a1111_prompt(self, text: str) -> str:
+        """The prompt as A1111 writes it: every embedding by its bare name."""
+        text = self.expand_prompt(text)
+        for name, (_, internal) in self.embeddings.items():
+            text = text.replace(internal, name)
+        return text
+
+    def encode(self, text: str, chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encode_prompt`` with the loaded embeddings resolved."""
+        return encode_prompt(self.base, self.expand_prompt(text), chunks)
 
     def pipeline(self, sampler: str):
         from ..priors.core import make_pipeline
@@ -330,12 +402,15 @@ class SamplingSession:
         if width % 8 or height % 8:
             raise UserError(f"width and height must be multiples of 8 (got {width}×{height}).")
         self.patcher.apply(settings.loras)
+        for path in settings.embeddings:
+            self.load_embedding(path)
         pipe = self.pipeline(settings.sampler)
-        prompt_tokens = token_count(self.base.tokenizers[0], settings.prompt)
-        negative_tokens = token_count(self.base.tokenizers[0], settings.negative)
+        prompt_text, negative_text = self.expand_prompt(settings.prompt), self.expand_prompt(settings.negative)
+        prompt_tokens = token_count(self.base.tokenizers[0], prompt_text)
+        negative_tokens = token_count(self.base.tokenizers[0], negative_text)
         chunks = max(1, math.ceil(prompt_tokens / CHUNK), math.ceil(negative_tokens / CHUNK))
-        positive, pooled = encode_prompt(self.base, settings.prompt, chunks)
-        negative, negative_pooled = encode_prompt(self.base, settings.negative, chunks)
+        positive, pooled = encode_prompt(self.base, prompt_text, chunks)
+        negative, negative_pooled = encode_prompt(self.base, negative_text, chunks)
         count = settings.batch
         kwargs = {"prompt_embeds": positive.repeat(count, 1, 1), "negative_prompt_embeds": negative.repeat(count, 1, 1)}
         if self.base.family == "sdxl":
@@ -357,10 +432,13 @@ class SamplingSession:
         from PIL import Image
 
         hashes = {c.name: self.lora_hash(c.path) for c in settings.loras}
+        used = {name for name, (_, internal) in self.embeddings.items() if internal in prompt_text + negative_text}
+        ti_hashes = {name: self.lora_hash(path) for path, (name, _) in self._embedding_files.items() if name in used}
         out = []
         for seed, row in zip(seeds, pixels):
             image = Image.fromarray((row * 255).round().astype(np.uint8))
-            text = parameters_text(settings, seed, width, height, self.model_name, self.model_hash, hashes)
+            text = parameters_text(settings, seed, width, height, self.model_name, self.model_hash, hashes, ti_hashes,
+                                   self.a1111_prompt(settings.prompt), self.a1111_prompt(settings.negative))
             out.append(Sample(image, row.astype(np.float32), seed, text))
         return out
 

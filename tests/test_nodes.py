@@ -16,9 +16,9 @@ def comfy_dirs(comfy, tmp_path, tiny):
     """ComfyUI's model and output folders pointed at a temporary base directory."""
     import folder_paths
 
-    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("checkpoints", "loras")}
+    saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("checkpoints", "loras", "embeddings")}
     saved_output, saved_temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
-    for kind in ("checkpoints", "loras"):
+    for kind in ("checkpoints", "loras", "embeddings"):
         (tmp_path / kind).mkdir()
         folder_paths.folder_names_and_paths[kind] = ([str(tmp_path / kind)], {".safetensors"})
     shutil.copyfile(tiny["sd1-tiny"], tmp_path / "checkpoints" / "tiny.safetensors")
@@ -83,8 +83,8 @@ def test_base_photos_train_sample_grid(comfy_dirs):
     trained = run(TrainDreamBoothLoRA, base=base, dataset=dataset,
                   **defaults(TrainDreamBoothLoRA, lora_name="sks_dog", steps=4, rank=4, alpha=4,
                              prior_preservation="base_model", save_every=2, learning_rate=1e-3))
-    name, curve = trained.args
-    assert name == "sks_dog.safetensors" and (comfy_dirs / "loras" / name).is_file()
+    name, curve, embedding = trained.args
+    assert name == "sks_dog.safetensors" and (comfy_dirs / "loras" / name).is_file() and embedding == ""
     assert curve.shape[0] == 1 and curve.shape[-1] == 3
     assert not list((comfy_dirs / "loras").glob(".*"))  # no temporary file left in the loras folder
     sample = dict(steps=2, width=64, height=64, prompt="a photo of sks dog", seed=5)
@@ -113,6 +113,38 @@ def test_base_photos_train_sample_grid(comfy_dirs):
     assert InstanceImages.fingerprint_inputs(folder=str(folder)) == first
     (folder / "b.png").write_bytes(b"2")
     assert InstanceImages.fingerprint_inputs(folder=str(folder)) != first
+
+
+def test_style_with_new_tokens_writes_lora_and_embedding_the_sampler_uses(comfy_dirs):
+    """Pivotal tuning from the node: the LoRA into models/loras, the embedding into models/embeddings
+    under the same name; the sampler resolves embedding:NAME in its prompt from that folder."""
+    from dreambooth_lora.nodes.data import InstanceImages, LoadBaseModel
+    from dreambooth_lora.nodes.sampling import LoRASampler
+    from dreambooth_lora.nodes.training import TrainDreamBoothLoRA
+
+    base = run(LoadBaseModel, ckpt_name="tiny.safetensors", dtype="auto", prediction_type="auto").args[0]
+    photos = torch.from_numpy(np.random.default_rng(3).random((4, 72, 80, 3)).astype(np.float32))
+    dataset = run(InstanceImages, **defaults(InstanceImages, folder="", images=photos, resolution=64,
+                                              instance_prompt="a red square")).args[0]
+    options = dict(lora_name="red_style", steps=3, rank=4, alpha=4, learning_rate=1e-3, mode="style", new_tokens=2,
+                   token_init="painting")
+    assert TrainDreamBoothLoRA.validate_inputs(**defaults(TrainDreamBoothLoRA, **options)) is True
+    name, _, embedding = run(TrainDreamBoothLoRA, base=base, dataset=dataset,
+                             **defaults(TrainDreamBoothLoRA, **options)).args
+    assert (name, embedding) == ("red_style.safetensors", "red_style.safetensors")
+    assert (comfy_dirs / "loras" / name).is_file() and (comfy_dirs / "embeddings" / embedding).is_file()
+    sample = dict(steps=2, width=64, height=64, seed=1, lora_name="(none)")
+    styled, text = run(LoRASampler, base=base, **defaults(LoRASampler, prompt="a car, embedding:red_style",
+                                                          **sample)).args
+    tokens, _ = run(LoRASampler, base=base, **defaults(LoRASampler, prompt="a car, <s1><s2>",
+                                                       embedding_name=embedding, **sample)).args
+    plain, _ = run(LoRASampler, base=base, **defaults(LoRASampler, prompt="a car, red_style_x", **sample)).args
+    assert torch.equal(styled, tokens) and not torch.equal(styled, plain)
+    assert text.startswith("a car, red_style\n") and "TI hashes" in text
+    # textual inversion alone: only the embedding, no LoRA
+    name, _, embedding = run(TrainDreamBoothLoRA, base=base, dataset=dataset, **defaults(
+        TrainDreamBoothLoRA, **{**options, "lora_name": "red_ti", "train_unet": False})).args
+    assert name == "" and embedding == "red_ti.safetensors" and not (comfy_dirs / "loras" / "red_ti.safetensors").exists()
 
 
 def test_cancel_stops_training_keeps_a_checkpoint_and_queueing_again_resumes(comfy_dirs):

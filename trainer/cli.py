@@ -25,12 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Trains a LoRA that binds --identifier to the subject in --instance-dir and writes it as a "
                     "kohya/A1111 file to --output. Checkpoints, the loss log and previews go to "
                     "'<output stem>.state/'; --resume continues from there. Ctrl-C stops after the current "
-                    "step and saves a checkpoint (a second Ctrl-C quits at once).")
+                    "step and saves a checkpoint (a second Ctrl-C quits at once). --mode style --new-tokens N learns a style "
+                    "with new tokens (pivotal tuning); --no-train-unet with --new-tokens is textual inversion alone.")
     parser.add_argument("--base", required=True, help="The base checkpoint (.safetensors/.ckpt or diffusers folder).")
     parser.add_argument("--instance-dir", required=True, help="Folder with 3-20 photos of the subject.")
     parser.add_argument("--class-dir", help="Class images: a folder of your own class photos, or a cache folder "
                                             "where the missing generated ones are made (see `dreambooth-lora priors`).")
     parser.add_argument("--output", required=True, help="The LoRA file to write (.safetensors, kohya/A1111 format).")
+    parser.add_argument("--embedding-output", metavar="FILE", help="With --new-tokens: where the learned embedding "
+                        "goes (A1111/ComfyUI embeddings format; its file name is the prompt name, embedding:NAME in "
+                        "ComfyUI). Default '<output stem>_emb.safetensors'; textual inversion alone writes it to --output.")
     parser.add_argument("--resume", metavar="DIR", help="Continue from '<output>.state' (its newest checkpoint) or "
                                                         "one step-N folder in it.")
     ALL_OPTIONS.add_to_parser(parser)
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     job = TrainJob(base=args.base, output=args.output, options=ALL_OPTIONS.values(args),
                    instance_dir=args.instance_dir, class_dir=args.class_dir, resume=args.resume,
-                   overwrite=args.overwrite, load_options=LOAD.values(args))
+                   overwrite=args.overwrite, load_options=LOAD.values(args), embedding_output=args.embedding_output)
     try:
         train(job, should_stop=lambda: bool(stop_requested))
     except TrainingStopped as stopped:

@@ -28,7 +28,7 @@ from ..data.options import DATA_OPTIONS, PROMPT_OPTIONS
 from ..errors import UserError
 from .checkpoint import read_checkpoint, resolve_resume, step_dir_name, write_checkpoint
 from .loss import dreambooth_loss, target_for
-from .options import CLASS_OPTIONS, TRAIN_OPTIONS
+from .options import CLASS_OPTIONS, DEFAULT_TEMPLATES, TRAIN_OPTIONS
 
 ALL_OPTIONS = TRAIN_OPTIONS + DATA_OPTIONS + PROMPT_OPTIONS + CLASS_OPTIONS
 
@@ -39,6 +39,14 @@ UNET_TARGETS = {
             "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"],
 }
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# The three ways to learn a style, as option sets to merge into TrainJob.options (same data, steps,
+# seed and everything else): a LoRA bound to the identifier, textual inversion alone, pivotal
+# tuning (new tokens + LoRA). E.g. {**common, **STYLE_METHODS["pivotal"]}.
+STYLE_METHODS = {
+    "lora": {"mode": "style", "new_tokens": 0, "train_unet": True},
+    "textual_inversion": {"mode": "style", "new_tokens": 2, "train_unet": False, "train_text_encoder": False},
+    "pivotal": {"mode": "style", "new_tokens": 2, "train_unet": True},
+}
 # Options whose change would make a resumed run a different run (the rest may change on resume).
 _FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "validation_prompts", "validation_every",
                    "validation_scales", "validation_steps"}
@@ -64,6 +72,9 @@ class TrainJob:
     overwrite: bool = False
     base_model: Any = None  # an already loaded models.core.BaseModel (ComfyUI); loaded from ``base`` if None
     load_options: Mapping[str, Any] = field(default_factory=dict)
+    # Where the learned token embeddings go (with --new-tokens): default '<output stem>_emb.safetensors';
+    # textual inversion alone (no adapter) writes them to ``output`` itself.
+    embedding_output: str | None = None
 
 
 @dataclass
@@ -75,6 +86,8 @@ class TrainResult:
     seconds: float
     log: list[dict]
     stopped: bool = False
+    embedding: Path | None = None  # the embedding file (with new tokens)
+    lora: Path | None = None  # the LoRA file (None for textual inversion alone)
 
 
 # --- small helpers ------------------------------------------------------------------
@@ -235,6 +248,51 @@ def sdxl_time_ids(original_hw, crop_top_left, target_hw) -> list[float]:
 # --- the job ------------------------------------------------------------------------
 
 
+def resolve_options(options: Mapping[str, Any]) -> dict:
+    """Options whose default depends on the mode, made explicit (what the run and its record use)."""
+    options = dict(options)
+    if options["prior_preservation"] == "auto":
+        options["prior_preservation"] = "off" if options["mode"] == "style" else "class_images"
+    return options
+
+
+def token_text(options: Mapping[str, Any]) -> str:
+    """What ``{tokens}`` stands for: the new tokens ('<s1><s2>'), or the identifier without them."""
+    from .tokens import token_names
+
+    return "".join(token_names(options["new_tokens"])) if options["new_tokens"] else options["identifier"]
+
+
+def caption_maker(options: Mapping[str, Any]) -> Callable[[str], str]:
+    """The instance caption as trained: the dataset's caption put through the caption template;
+    in subject mode new tokens take the identifier's place."""
+    import re
+
+    template = options["caption_template"] or DEFAULT_TEMPLATES[options["mode"]]
+    tokens = token_text(options)
+    identifier = options["identifier"].strip()
+    swap = options["new_tokens"] > 0 and options["mode"] == "subject" and identifier
+    pattern = re.compile(rf"(?<![\w<]){re.escape(identifier)}(?![\w>])") if swap else None
+
+    def make(caption: str) -> str:
+        text = template.replace("{caption}", caption).replace("{tokens}", tokens).strip()
+        return pattern.sub(lambda _: tokens, text) if pattern is not None else text
+
+    return make
+
+
+def embedding_path(job: TrainJob, output: Path, options: Mapping[str, Any]) -> Path | None:
+    """Where the learned embeddings go: None without new tokens; ``output`` itself for textual
+    inversion alone; else ``job.embedding_output`` or '<output stem>_emb.safetensors'."""
+    if not options["new_tokens"]:
+        return None
+    if not options["train_unet"] and not options["train_text_encoder"]:
+        return output
+    if job.embedding_output:
+        return Path(job.embedding_output).expanduser()
+    return output.with_name(output.stem + "_emb.safetensors")
+
+
 def _prepare_class_data(job: TrainJob, options: Mapping[str, Any], base, accelerator, fingerprint_path: str):
     """Class images for the class_images mode: a folder of the user's own images, or cached
     priors generated (only the missing ones) into ``class_dir``."""
@@ -345,10 +403,18 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     from ..models.core import load_base_model
     from ..priors.core import model_fingerprint
 
-    options = ALL_OPTIONS.values(dict(job.options))
+    options = resolve_options(ALL_OPTIONS.values(dict(job.options)))
     from ..data.core import fill_caption
 
     options["class_prompt"] = fill_caption(options["class_prompt"], "", options["class_word"])
+    n_tokens, train_unet, train_tokens = options["new_tokens"], options["train_unet"], options["new_tokens"] > 0
+    if not (train_unet or options["train_text_encoder"] or train_tokens):
+        raise UserError("nothing to train: --no-train-unet without --train-text-encoder needs --new-tokens N "
+                        "(textual inversion).")
+    if train_tokens and not train_unet and not options["train_text_encoder"] and options["token_steps_fraction"] < 1:
+        raise UserError("--token-steps-fraction below 1 with textual inversion alone leaves nothing to train after "
+                        "the stop; lower --steps instead.")
+    make_caption = caption_maker(options)
     started = time.perf_counter()
     output = Path(job.output).expanduser()
     if output.suffix != ".safetensors":
@@ -357,6 +423,12 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     resume_from = resolve_resume(job.resume) if job.resume else None
     if output.exists() and not job.overwrite and resume_from is None:
         raise UserError(f"{output}: exists; choose another --output, pass --overwrite, or --resume {state_dir}.")
+    emb_path = embedding_path(job, output, options)
+    if emb_path is not None and emb_path != output:
+        if emb_path.suffix != ".safetensors":
+            raise UserError(f"{emb_path}: the embedding must be a .safetensors file (A1111/ComfyUI embeddings).")
+        if emb_path.exists() and not job.overwrite and resume_from is None:
+            raise UserError(f"{emb_path}: exists; choose another --output or --embedding-output, or pass --overwrite.")
 
     use_cuda = torch.cuda.is_available()
     probe = torch.device("cuda" if use_cuda else "cpu")
@@ -378,6 +450,10 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
         raise UserError("no instance images: pass --instance-dir DIR with 3-20 photos of the subject.")
     for source, why in instances.skipped:
         say(f"warning: skipped {source}: {why}")
+    if train_tokens and not any(token_text(options) in make_caption(item.caption) for item in instances.images):
+        raise UserError(f"no caption contains the new tokens {token_text(options)}: put {{tokens}} into "
+                        "--caption-template (e.g. '{caption}, in the style of {tokens}') or, in subject mode, "
+                        "the identifier into the captions.")
 
     prior_mode = options["prior_preservation"]
     if prior_mode == "class_images" and not job.class_dir:  # before the slow part
@@ -410,12 +486,28 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     classes = _prepare_class_data(job, options, base, accelerator, job.base) if prior_mode == "class_images" else None
 
     torch.manual_seed(options["seed"])  # adapter initialisation: identical on every rank
-    inject_adapter_in_model(adapter_config(options, UNET_TARGETS[options["unet_targets"]]), unet)
+    if train_unet:
+        inject_adapter_in_model(adapter_config(options, UNET_TARGETS[options["unet_targets"]]), unet)
     train_te = options["train_text_encoder"]
     if train_te:
         for encoder in encoders:
             inject_adapter_in_model(adapter_config(options, TEXT_TARGETS), encoder)
-    trained = [unet, *(encoders if train_te else [])]
+    te_params = [p for e in encoders for p in e.parameters() if p.requires_grad] if train_te else []
+    # New tokens: rows past the vocabulary, in a parameter of their own (nothing else changes).
+    token_ids: list[list[int]] = []
+    token_params: list[torch.nn.Parameter] = []
+    if train_tokens:
+        from .tokens import add_tokens, initial_vectors, token_embedding, token_names
+
+        init_generator = torch.Generator().manual_seed(options["seed"])
+        for tokenizer, encoder in zip(tokenizers, encoders):
+            vectors = initial_vectors(tokenizer, encoder, n_tokens, options["token_init"], init_generator)
+            token_ids.append(add_tokens(tokenizer, encoder, token_names(n_tokens), vectors))
+            wrapper = token_embedding(encoder)
+            wrapper.extra.requires_grad_(True)
+            token_params.append(wrapper.extra)
+    text_trained = train_te or train_tokens
+    trained = ([unet] if train_unet else []) + (encoders if text_trained else [])
     for module in trained:
         for name, param in module.named_parameters():
             if param.requires_grad:
@@ -429,16 +521,19 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
                 enable()
 
     unet_params = [p for p in unet.parameters() if p.requires_grad]
-    te_params = [p for e in encoders for p in e.parameters() if p.requires_grad] if train_te else []
-    groups = [{"params": unet_params, "lr": options["learning_rate"]}]
+    groups = [{"params": unet_params, "lr": options["learning_rate"]}] if unet_params else []
     if te_params:
         groups.append({"params": te_params, "lr": options["text_encoder_lr"]})
+    if token_params:
+        groups.append({"params": token_params, "lr": options["token_lr"], "weight_decay": 0.0})
     optimizer = _make_optimizer(options, groups, device)
     lr_scheduler = get_scheduler(options["lr_scheduler"], optimizer, num_warmup_steps=options["warmup_steps"],
                                  num_training_steps=options["steps"])
     prepared = accelerator.prepare(*trained, optimizer)
-    unet_run, te_runs, optimizer = prepared[0], list(prepared[1:-1]), prepared[-1]
-    text_runs = te_runs if train_te else encoders
+    optimizer = prepared[-1]
+    unet_run = prepared[0] if train_unet else unet
+    te_runs = list(prepared[1 if train_unet else 0:-1])
+    text_runs = te_runs if text_trained else encoders
 
     # --- resume
     start_step, log_rows = 0, []
@@ -448,6 +543,8 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
         for component, module in zip(components, [unet, *encoders]):
             if component in adapters:
                 set_peft_model_state_dict(module, {k: v.to(device) for k, v in adapters[component].items()})
+        if token_params:
+            _load_token_rows(adapters.get("tokens", {}), components, token_params, resume_from)
         optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(record["scheduler"])
         start_step = record["step"]
@@ -457,7 +554,7 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
         raise UserError(f"{resume_from}: is already at step {start_step}; raise --steps above it to train more.")
 
     # --- text: cache the embeddings of every caption while the text encoder is frozen
-    captions = sorted({item.caption for item in instances.images} |
+    captions = sorted({make_caption(item.caption) for item in instances.images} |
                       ({item.caption for item in classes.images} if classes else set()) |
                       ({options["class_prompt"]} if prior_mode == "base_model" else set()))
     for caption in captions:
@@ -480,7 +577,7 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
         return hidden, pooled
 
     # Everything that does not change between steps is computed now, before the loop.
-    if not train_te:
+    if not text_trained:
         embed(captions, False)
     if prior_mode == "base_model":
         embed([options["class_prompt"]], False, base_only=True)
@@ -503,7 +600,7 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     if device.type == "cuda":
         # Frozen parts the loop no longer needs wait in CPU memory (previews bring them back):
         # on SDXL the two text encoders alone hold 1.6 GB of VRAM.
-        offload = ([] if train_te else encoders) + ([vae] if vae_done else [])
+        offload = ([] if text_trained else encoders) + ([vae] if vae_done else [])
         for module in offload:
             module.to("cpu")
         if offload:
@@ -516,6 +613,29 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
     batch = options["batch_size"]
     accumulation = options["gradient_accumulation"]
     te_stop = options["text_encoder_steps"] if train_te and options["text_encoder_steps"] > 0 else None
+    token_stop = round(options["token_steps_fraction"] * options["steps"]) \
+        if train_tokens and options["token_steps_fraction"] < 1 else None
+    emb_name = emb_path.stem if emb_path is not None else ""
+    lora_due = train_unet or train_te
+
+    def write_results(states, step: int, lora: Path | None, embedding: Path | None, overwrite: bool) -> None:
+        """The kohya LoRA (with the embedding bundled if asked) and the embedding file."""
+        vectors = [states["tokens"][c] for c in components[1:]] if "tokens" in states else None
+        if lora is not None and lora_due:
+            adapter = _to_adapter(converters, family, unet, {k: v for k, v in states.items() if k != "tokens"}, options)
+            bundle = None
+            if vectors is not None and options["bundle_embeddings"]:
+                from ..converters.embeddings import bundle_tensors
+
+                bundle = bundle_tensors(family, emb_name, vectors)
+            _write_lora(converters, adapter, lora, options, record_base, step, overwrite, bundle, emb_name)
+        if embedding is not None and vectors is not None:
+            from ..converters.embeddings import write_embedding
+
+            write_embedding(embedding, family, vectors, token_text(options), overwrite=overwrite, metadata={
+                "ss_steps": step, "dreambooth_lora.base_fingerprint": record_base["base_fingerprint"],
+                "ss_sd_model_name": Path(record_base["base"]).name, "ss_training_comment": "ComfyUI-DreamBooth-LoRA"})
+
     last_checkpoint = resume_from
     warned = set()
     window: list[tuple[float, float]] = []
@@ -523,12 +643,12 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
 
     def save(step: int) -> Path:
         nonlocal last_checkpoint
-        states = _adapter_states(accelerator, unet_run, te_runs, components, train_te)
+        states = _adapter_states(accelerator, unet_run, te_runs, components, train_unet, train_te, token_params)
         if main:
-            adapter = _to_adapter(converters, family, unet, states, options)
             last_checkpoint = write_checkpoint(
                 state_dir, step, states, optimizer.state_dict(), lr_scheduler.state_dict(), record_base,
-                lora_writer=lambda path: _write_lora(converters, adapter, path, options, record_base, step, True),
+                lora_writer=lambda path: write_results(states, step, path, path.with_name("embedding.safetensors"),
+                                                       True),
                 keep=options["keep_checkpoints"])
             _write_log(state_dir, log_rows)
         accelerator.wait_for_everyone()
@@ -571,6 +691,21 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
                 for param in te_params:
                     param.requires_grad_(False)
                 say(f"step {step}: text encoder frozen from here on (--text-encoder-steps {te_stop})")
+            tokens_active = train_tokens and (token_stop is None or step < token_stop)
+            if train_tokens and not tokens_active and "tokens_stopped" not in warned:
+                warned.add("tokens_stopped")
+                for param in token_params:
+                    param.requires_grad_(False)
+                say(f"step {step}: new token embeddings frozen from here on (--token-steps-fraction "
+                    f"{options['token_steps_fraction']})")
+            text_active = te_active or tokens_active
+            if text_trained and not text_active and "text_frozen" not in warned:
+                # From here the text side is fixed: encode every caption once, in one call (the
+                # same call whether or not the run was resumed, so the numbers are the same).
+                warned.add("text_frozen")
+                for key in [k for k in embedding_cache if not k[1]]:
+                    del embedding_cache[key]
+                embed(captions, False)
             sums = torch.zeros(3, device=device)
             for micro in range(accumulation):
                 seed = step_seed(options["seed"], step * accumulation + micro, rank)
@@ -578,13 +713,16 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
                 rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
                 position = ((step * accumulation + micro) * world + rank) * batch
                 rows = _rows(instances, classes, prior_mode, options, position, batch, rng, latents_source)
-                with accelerator.accumulate(*([unet_run] + (te_runs if te_active else []))):
+                for row in rows:
+                    if not row["prior"]:
+                        row["caption"] = make_caption(row["caption"])
+                with accelerator.accumulate(*(([unet_run] if train_unet else []) + (te_runs if text_active else []))):
                     parts = _forward(rows, options, family, prediction_type, unet_run, unet, encoders, embed,
-                                     te_active, generator, noise_scheduler, alphas_cumprod, device, weight_dtype)
+                                     text_active, generator, noise_scheduler, alphas_cumprod, device, weight_dtype)
                     accelerator.backward(parts.total)
                     if accelerator.sync_gradients and options["max_grad_norm"] > 0:
-                        accelerator.clip_grad_norm_(unet_params + (te_params if te_active else []),
-                                                    options["max_grad_norm"])
+                        accelerator.clip_grad_norm_(unet_params + (te_params if te_active else []) +
+                                                    (token_params if tokens_active else []), options["max_grad_norm"])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 sums += torch.stack([parts.total.detach(), parts.instance.detach(),
@@ -624,18 +762,23 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
 
     # --- the result
     final = save(options["steps"])
-    states = _adapter_states(accelerator, unet_run, te_runs, components, train_te)
+    states = _adapter_states(accelerator, unet_run, te_runs, components, train_unet, train_te, token_params)
     print(f"[rank {rank}] adapter sha256 {adapter_digest(states)}", flush=True)
+    lora_path = output if lora_due else None
     if main:
-        adapter = _to_adapter(converters, family, unet, states, options)
-        _write_lora(converters, adapter, output, options, record_base, options["steps"], job.overwrite or resume_from is not None)
+        write_results(states, options["steps"], lora_path, emb_path, job.overwrite or resume_from is not None)
         _write_final(state_dir, states, record_base, options)
         _plot_losses(state_dir, log_rows)
         if options["validation_prompts"]:
             _preview(accelerator, base, unet, encoders, vae, options, state_dir, options["steps"], on_preview)
-        say(f"wrote {output} ({options['steps']} steps, {time.perf_counter() - started:.1f} s); state in {state_dir}")
+        written = " and ".join(str(p) for p in dict.fromkeys(p for p in (lora_path, emb_path) if p is not None))
+        say(f"wrote {written} ({options['steps']} steps, {time.perf_counter() - started:.1f} s); state in {state_dir}")
+        if emb_path is not None:
+            say(f"prompts: {token_text(options)} here (dreambooth-lora sample --embedding {emb_path}), "
+                f"embedding:{emb_path.stem} in ComfyUI (file in models/embeddings), {emb_path.stem} in A1111")
     accelerator.wait_for_everyone()
-    return TrainResult(output, state_dir, final, options["steps"], time.perf_counter() - started, log_rows)
+    return TrainResult(output, state_dir, final, options["steps"], time.perf_counter() - started, log_rows,
+                       embedding=emb_path, lora=lora_path)
 
 
 def _make_optimizer(options: Mapping[str, Any], groups: list[dict], device: torch.device):
@@ -738,12 +881,25 @@ def _forward(rows, options, family, prediction_type, unet_run, unet, encoders, e
                            options["prior_weight"], options["loss"], options["huber_delta"], options["min_snr_gamma"])
 
 
-def _adapter_states(accelerator, unet_run, te_runs, components, train_te) -> dict[str, dict[str, torch.Tensor]]:
-    states = {components[0]: peft_state(accelerator.unwrap_model(unet_run))}
+def _adapter_states(accelerator, unet_run, te_runs, components, train_unet, train_te,
+                    token_params=()) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: PEFT tensors} of what trains; new token vectors as {"tokens": {component: [N, dim]}}."""
+    states = {components[0]: peft_state(accelerator.unwrap_model(unet_run))} if train_unet else {}
     if train_te:
         for component, encoder in zip(components[1:], te_runs):
             states[component] = peft_state(accelerator.unwrap_model(encoder))
+    if token_params:
+        states["tokens"] = {c: p.detach().float().cpu().clone() for c, p in zip(components[1:], token_params)}
     return states
+
+
+def _load_token_rows(saved: Mapping[str, torch.Tensor], components, token_params, folder: Path) -> None:
+    for component, param in zip(components[1:], token_params):
+        if component not in saved or saved[component].shape != param.shape:
+            raise TrainingError(f"{folder}: holds no new-token vectors of shape {tuple(param.shape)} for {component}; "
+                                "resume with the same --new-tokens.")
+        with torch.no_grad():
+            param.copy_(saved[component].to(param.device, param.dtype))
 
 
 def _peft_config_dict(options: Mapping[str, Any], targets: list[str]) -> dict:
@@ -758,7 +914,8 @@ def _to_adapter(converters, family: str, unet, states, options):
     return converters.from_peft(family, converters.unet_layout_of(unet.config), components)
 
 
-def _write_lora(converters, adapter, path: Path, options, record, step: int, overwrite: bool) -> Path:
+def _write_lora(converters, adapter, path: Path, options, record, step: int, overwrite: bool,
+                bundle: Mapping[str, torch.Tensor] | None = None, embedding_name: str = "") -> Path:
     metadata = {**TRAIN_OPTIONS.metadata(options), **DATA_OPTIONS.metadata(options), **CLASS_OPTIONS.metadata(options),
                 "ss_steps": str(step), "ss_training_comment": "ComfyUI-DreamBooth-LoRA",
                 "dreambooth_lora.base_fingerprint": record["base_fingerprint"],
@@ -770,9 +927,15 @@ def _write_lora(converters, adapter, path: Path, options, record, step: int, ove
     size = options["resolution"]
     metadata.update({"ss_resolution": f"({size}, {size})", "modelspec.resolution": f"{size}x{size}"})
     trigger = f"{options['identifier']} {options['class_word']}".strip()
+    if options["new_tokens"]:
+        # the tokens are only known to a UI through the embedding file: its name is the trigger
+        trigger = embedding_name
+        metadata.update({"dreambooth_lora.tokens": token_text(options), "dreambooth_lora.embedding": embedding_name})
+    elif options["mode"] == "style":
+        trigger = token_text(options)
     return converters.save_kohya(adapter, path, dtype="fp16", overwrite=overwrite,
                                  prediction_type=record["prediction_type"], trigger_phrase=trigger,
-                                 hyperparameters=record["options"], extra=metadata)
+                                 hyperparameters=record["options"], extra=metadata, extra_tensors=bundle)
 
 
 def load_trained(base, adapter_dir: str | Path) -> dict:
@@ -790,6 +953,13 @@ def load_trained(base, adapter_dir: str | Path) -> dict:
     modules = dict(zip(COMPONENTS[base.family], [base.unet, *base.text_encoders]))
     for path in sorted(folder.glob("adapter_*.safetensors")):
         component = path.stem.removeprefix("adapter_")
+        if component == "tokens":  # the new tokens' vectors, per text encoder
+            from .tokens import add_tokens, token_names
+
+            rows = load_file(str(path))
+            for name, tokenizer, encoder in zip(COMPONENTS[base.family][1:], base.tokenizers, base.text_encoders):
+                add_tokens(tokenizer, encoder, token_names(options["new_tokens"]), rows[name])
+            continue
         targets = UNET_TARGETS[options["unet_targets"]] if component == "unet" else TEXT_TARGETS
         inject_adapter_in_model(adapter_config(options, targets), modules[component])
         set_peft_model_state_dict(modules[component], load_file(str(path)))
@@ -914,7 +1084,7 @@ def _preview(accelerator, base, unet, encoders, vae, options, state_dir: Path, s
     from ..data.core import fill_caption
     from ..priors.core import _write_atomically, make_pipeline
 
-    prompts = [fill_caption(p, options["identifier"], options["class_word"])
+    prompts = [fill_caption(p, options["identifier"], options["class_word"]).replace("{tokens}", token_text(options))
                for p in options["validation_prompts"].split("|") if p.strip()]
     unet_scales, te_scales = parse_scales(options["validation_scales"])
     pipe = make_pipeline(base, "ddim")

@@ -4,8 +4,10 @@ the LoRA file's ``ss_*`` metadata."""
 from ..options import Option, OptionSet
 from ..priors.options import PRIOR_OPTIONS
 
-# What the prior-preservation term is computed against.
-PRIOR_MODES = ("class_images", "base_model", "off")
+# What the prior-preservation term is computed against (auto: class_images for subjects, off for styles).
+PRIOR_MODES = ("auto", "class_images", "base_model", "off")
+# The caption template used when --caption-template is empty, per mode.
+DEFAULT_TEMPLATES = {"subject": "{caption}", "style": "{caption}, in the style of {tokens}"}
 
 TRAIN_OPTIONS = OptionSet(
     # --- length and learning rates
@@ -38,9 +40,10 @@ TRAIN_OPTIONS = OptionSet(
     Option("text_encoder_steps", 0, "Stop training the text encoder after this many steps (0 = train it to the "
            "end).", min=0, max=1_000_000),
     # --- prior preservation and the loss
-    Option("prior_preservation", "class_images", "What keeps the class intact: class_images (the paper: loss on "
+    Option("prior_preservation", "auto", "What keeps the class intact: class_images (the paper: loss on "
            "images of the bare class made by the base model), base_model (no class images: the frozen model's "
-           "own prediction for the class prompt on the instance latents is the target), off.",
+           "own prediction for the class prompt on the instance latents is the target), off; auto = "
+           "class_images in subject mode, off in style mode.",
            choices=PRIOR_MODES),
     Option("prior_weight", 1.0, "λ in loss = instance loss + λ · prior loss.", min=0.0, max=100.0, step=0.05,
            metadata_key="ss_prior_loss_weight"),
@@ -85,6 +88,30 @@ TRAIN_OPTIONS = OptionSet(
     Option("validation_scales", "1.0", "LoRA scales for previews: '1.0', or a grid 'unet=0.5,1.0 te=0,1' over "
            "UNet × text-encoder scales (same seeds in every cell)."),
     Option("validation_steps", 20, "Sampler steps per preview image.", min=1, max=200),
+    # --- styles, new tokens (textual inversion / pivotal tuning)
+    Option("mode", "subject", "subject: bind an identifier to one subject (DreamBooth). style: learn a style from "
+           "varied, per-image captioned pictures (<name>.txt beside each); no class priors unless asked for, "
+           "and captions go through --caption-template.", choices=("subject", "style"),
+           metadata_key="dreambooth_lora.mode"),
+    Option("new_tokens", 0, "Add this many new tokens (<s1>, <s2>, ...) to the tokenizer(s) and learn their "
+           "embeddings (textual inversion; with the LoRA: pivotal tuning). Saved as an embedding file for "
+           "A1111/ComfyUI (embedding:NAME). In subject mode they replace the identifier in captions; "
+           "0 = none.", min=0, max=75, metadata_key="dreambooth_lora.new_tokens"),
+    Option("token_init", "", "Word whose embedding the new tokens start from (e.g. painting); empty = random "
+           "vectors with the spread of the vocabulary.", metadata_key="dreambooth_lora.token_init"),
+    Option("token_lr", 1e-3, "Learning rate of the new token embeddings (no weight decay).", min=0.0, max=1.0,
+           step=1e-4, metadata_key="dreambooth_lora.token_lr"),
+    Option("token_steps_fraction", 1.0, "Stop training the new token embeddings after this fraction of the "
+           "steps (1 = to the end; pivotal tuning often stops them at 0.5).", min=0.0, max=1.0, step=0.05),
+    Option("train_unet", True, "Train the UNet adapter. Off with --new-tokens and no text-encoder training = "
+           "textual inversion alone (the output is then the embedding file).",
+           metadata_key="dreambooth_lora.train_unet"),
+    Option("caption_template", "", "How each caption is built: {caption} is the image's caption, {tokens} the "
+           "new tokens (or the identifier without new tokens). Empty = '{caption}' in subject mode, "
+           "'{caption}, in the style of {tokens}' in style mode."),
+    Option("bundle_embeddings", False, "Also put the learned embeddings inside the LoRA file (A1111's "
+           "bundle_emb keys). ComfyUI's LoraLoader ignores them and diffusers refuses such files, so the "
+           "separate embedding file is always written too."),
 )
 
 # The class-image settings the trainer exposes; generation details keep their PRIOR_OPTIONS defaults.
