@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .trainer import cli as trainer_cli
     from .fixtures import cli as fixtures_cli
     from .models import cli as models_cli
+    from .shapes import cli as shapes_cli
 
     parser = argparse.ArgumentParser(
         prog="dreambooth-lora",
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in (models_cli, data_cli, identifiers_cli, priors_cli, trainer_cli, converters_cli, sampling_cli,
-                  evaluation_cli, fixtures_cli):
+                  evaluation_cli, shapes_cli, fixtures_cli):
         stage.register(subparsers)
     return parser
 

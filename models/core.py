@@ -465,8 +465,14 @@ def _inspect_indexed(index: TensorIndex, family: str, prediction_type: str) -> C
     provisional = derive_unet_config(index.shapes, family, 512, "epsilon", pooled, index.path)
     prediction, evidence = detect_prediction_type(index, family, provisional, prediction_type)
     resolution = template["resolution"].get(prediction, template["resolution"]["epsilon"])
+    # A file may say what size it was trained at (the ModelSpec key); the built-in shapes base
+    # does (64 px), real SD files mostly do not and get their family's size.
+    stated = re.fullmatch(r"(\d+)x\1", index.metadata.get("modelspec.resolution", "").strip())
+    if stated and int(stated[1]) % 8 == 0 and 64 <= int(stated[1]) <= 4096:
+        resolution = int(stated[1])
     unet_config = derive_unet_config(index.shapes, family, resolution, prediction, pooled, index.path)
     vae_config = derive_vae_config(index.shapes, family, resolution)
+    unet_config["sample_size"] = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     counts = {"unet": _component_params(index.shapes, layouts.UNET_PREFIX),
               "vae": _component_params(index.shapes, layouts.VAE_PREFIX)}

@@ -11,7 +11,7 @@ COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 def test_all_stages_are_registered():
     assert {"inspect", "dataset", "identifiers", "priors", "train", "convert", "lora-info", "fixture", "sample", "grid",
-            "eval", "best"} <= set(COMMANDS)
+            "eval", "best", "demo"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

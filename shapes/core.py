@@ -1,0 +1,342 @@
+"""DreamBooth in the shapes world: the demo, and the paper's quality protocol in miniature.
+
+The demo runs every stage of the pack on the built-in base model:
+
+    identifier → class priors → DreamBooth LoRA with prior preservation → kohya file
+    → the subject in new contexts, the bare class before and after → metrics → report
+
+Metrics (``measure``), computed with the shapes judge (``judge.py``) the way the paper computes
+them with DINO and CLIP:
+- SUBJ  subject fidelity: mean cosine between the judge's look embeddings of images made for
+        ``a photo of a <id> <class> on a <background> background`` (backgrounds the photos never
+        had) and of the real training photos (the paper's DINO);
+- PROMPT prompt fidelity: the share of those images whose background is the one asked for
+        (our CLIP-T; chance is 1/7);
+- PRES  the share of images of the bare class prompt ``a photo of a <class>`` that look like the
+        subject — cosine to the subject's mean look above the midpoint between real subject
+        renders and real class images (language drift: lower is better);
+- DIV   1 − mean pairwise look cosine among the bare-class images (higher is more diverse).
+The "real" row uses renders instead of generations: held-out renders of the subject in the new
+contexts, and real class images (solid objects of every colour).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import world
+from .judge import Judge
+from .options import DEMO_OPTIONS
+
+
+def base_path() -> Path:
+    from .pretrain import default_path
+
+    return default_path()
+
+
+def subject_prompt(identifier: str, subject: world.Subject, background: str) -> str:
+    return f"a photo of a {identifier} {subject.look.shape} on a {background} background"
+
+
+def class_prompt(subject: world.Subject) -> str:
+    return f"a photo of a {subject.look.shape}"
+
+
+def write_photos(subject: world.Subject, folder: Path, count: int = 5, seed: int = 0) -> list[Path]:
+    """The subject's training photos as PNGs, each with a caption file (``{id}`` is filled by
+    the dataset stage, as for a user's own captions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, scene in enumerate(world.subject_photos(subject, count, seed)):
+        path = folder / f"{subject.name}-{index}.png"
+        world.render(scene).save(path)
+        path.with_suffix(".txt").write_text(f"a photo of a {{id}} {{class}} on a {scene.background} background\n")
+        paths.append(path)
+    return paths
+
+
+# --- measuring --------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    subj: float
+    prompt: float
+    pres: float
+    div: float
+    subject_images: list = field(default_factory=list)  # (image, background asked for)
+    class_images: list = field(default_factory=list)
+
+    def row(self) -> dict[str, float]:
+        return {"SUBJ": self.subj, "PROMPT": self.prompt, "PRES": self.pres, "DIV": self.div}
+
+
+@dataclass
+class Reference:
+    """What real images of a subject and its class say: the judge's yardsticks."""
+
+    photos: list  # the training photos
+    prototype: torch.Tensor  # mean look of the photos
+    threshold: float  # cos to the prototype above this = "looks like the subject"
+    real: Measurement
+
+
+def reference(subject: world.Subject, judge: Judge, images_per_prompt: int, seed: int = 0) -> Reference:
+    from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
+
+    photos = [world.render(s) for s in world.subject_photos(subject)]
+    looks = judge.looks(photos).double()
+    prototype = torch.nn.functional.normalize(looks.mean(0), dim=0)
+    held_out = [(world.render(s), s.background) for bg in world.NEW_CONTEXTS
+                for s in subject.scenes(images_per_prompt, seed + 1000, (bg,))]
+    real_class = [world.render(s) for s in world.class_scenes(subject.look.shape, 4 * images_per_prompt, seed)]
+    subject_similarity = (judge.looks([i for i, _ in held_out]).double() @ prototype).mean()
+    class_looks = judge.looks(real_class).double()
+    threshold = float((subject_similarity + (class_looks @ prototype).mean()) / 2)
+    backgrounds = judge.labels([i for i, _ in held_out], "background")
+    real = Measurement(
+        subj=mean_pairwise_cosine(judge.looks([i for i, _ in held_out]), looks),
+        prompt=float(np.mean([seen == asked for seen, (_, asked) in zip(backgrounds, held_out)])),
+        pres=float(((class_looks @ prototype) > threshold).double().mean()),
+        div=1.0 - mean_cosine_within(class_looks), subject_images=held_out, class_images=real_class)
+    return Reference(photos, prototype, threshold, real)
+
+
+def measure(session, subject: world.Subject, identifier: str, ref: Reference, judge: Judge, lora: str | None,
+            images_per_prompt: int, guidance: float, steps: int, seed: int = 0) -> Measurement:
+    """Generate the protocol's images with ``session`` (the base, plus ``lora`` if given) and score them."""
+    from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
+    from ..sampling.core import LoraChoice, SampleSettings
+
+    loras = [LoraChoice(lora)] if lora else []
+
+    def make(prompt: str, count: int) -> list:
+        settings = SampleSettings(prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=world.SIZE,
+                                  height=world.SIZE, sampler="ddim", batch=count, loras=loras)
+        return [s.image for s in session.sample(settings)]
+
+    subject_images = [(image, bg) for bg in world.NEW_CONTEXTS
+                      for image in make(subject_prompt(identifier, subject, bg), images_per_prompt)]
+    class_images = make(class_prompt(subject), 4 * images_per_prompt)
+    photo_looks = judge.looks(ref.photos)
+    backgrounds = judge.labels([i for i, _ in subject_images], "background")
+    class_looks = judge.looks(class_images).double()
+    return Measurement(
+        subj=mean_pairwise_cosine(judge.looks([i for i, _ in subject_images]), photo_looks),
+        prompt=float(np.mean([seen == asked for seen, (_, asked) in zip(backgrounds, subject_images)])),
+        pres=float(((class_looks @ ref.prototype) > ref.threshold).double().mean()),
+        div=1.0 - mean_cosine_within(class_looks), subject_images=subject_images, class_images=class_images)
+
+
+# --- the demo ---------------------------------------------------------------------------
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    lora: Path
+    report_html: Path
+    report_png: Path
+    identifier: str
+    rows: dict[str, dict[str, float]]  # "base" / "dreambooth" / "real" → metrics
+    seconds: dict[str, float]
+
+
+def train_subject(base_file: str | Path, subject: world.Subject, identifier: str, out: Path,
+                  options: Mapping[str, Any], class_dir: Path | None, lora_name: str):
+    """One DreamBooth LoRA on a subject's photos (the trainer, with the demo's settings). The
+    trainer loads its own copy of the base: training changes the model it is given."""
+    from ..trainer.core import TrainJob, train
+
+    photos = out / "photos"
+    if not photos.is_dir():
+        write_photos(subject, photos)
+    train_options = {
+        "steps": options["steps"], "learning_rate": options["learning_rate"], "rank": options["rank"],
+        # LoCon (convs too): stripes and dots are textures drawn at the 16×16 level, where this
+        # base has no attention layers for an attention-only LoRA to change.
+        "alpha": float(options["rank"]), "unet_targets": "all", "seed": options["seed"],
+        "resolution": world.SIZE, "identifier": identifier, "class_word": subject.look.shape,
+        "instance_prompt": "a photo of a {id} {class}", "class_prompt": class_prompt(subject),
+        "num_class_images": options["num_class_images"], "prior_preservation": options["prior_preservation"],
+        "save_every": 0, "keep_checkpoints": 1, "mixed_precision": "no",
+        "flip": False,  # a mirrored split tile is another look
+    }
+    job = TrainJob(base=str(base_file), output=str(out / "loras" / f"{lora_name}.safetensors"), options=train_options,
+                   instance_dir=str(photos), class_dir=str(class_dir) if class_dir else None, overwrite=True,
+                   load_options={"dtype": "fp32"})
+    return train(job)
+
+
+def run_demo(options: Mapping[str, Any], out: str | Path, base_file: str | Path | None = None,
+             say: Callable[[str], None] = print) -> DemoResult:
+    """``base_file``: another shapes-world base (one you pretrained); default the built-in one."""
+    from ..identifiers.core import propose
+    from ..models.core import load_base_model
+    from ..priors.core import generate_priors
+    from ..sampling.core import SamplingSession
+
+    from ..errors import UserError
+
+    options = DEMO_OPTIONS.values(dict(options))
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; give --out a folder (it is created if missing).")
+    subject = world.SUBJECTS[options["subject"]]
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    torch.manual_seed(options["seed"])
+    base_file = Path(base_file or base_path()).expanduser()
+    base = load_base_model(base_file, dtype="fp32")
+    judge = Judge.load()
+    say(f"base: {base_file.name} ({base.info.resolution} px, loaded in {base.load_seconds:.1f} s)")
+    identifier = propose(1, subject.look.shape, base=base)[0].token
+    say(f"identifier: {identifier!r} (rare single CLIP token with the least pull on '{subject.look.shape}')")
+    write_photos(subject, out / "photos")
+    lap("load")
+
+    class_dir = None
+    if options["prior_preservation"] == "class_images":
+        priors = generate_priors(base, str(base_file), out / "class_images", options["num_class_images"],
+                                 class_prompt(subject), steps=options["sample_steps"], guidance=options["guidance"],
+                                 seed=options["seed"], batch_size=options["num_class_images"], resolution=world.SIZE)
+        class_dir = priors.folder
+        say(f"class priors: {len(priors.paths)} images of {class_prompt(subject)!r} in {priors.folder}")
+    lap("priors")
+
+    result = train_subject(base_file, subject, identifier, out, options, class_dir, f"{subject.name}-{identifier}")
+    say(f"LoRA: {result.output} ({result.steps_done} steps in {result.seconds:.0f} s)")
+    lap("train")
+
+    session = SamplingSession(base, base_file)
+    ref = reference(subject, judge, options["images_per_prompt"], options["seed"])
+    common = dict(images_per_prompt=options["images_per_prompt"], guidance=options["guidance"],
+                  steps=options["sample_steps"], seed=options["seed"])
+    before = measure(session, subject, identifier, ref, judge, None, **common)
+    after = measure(session, subject, identifier, ref, judge, str(result.output), **common)
+    lap("sample+measure")
+    rows = {"base model": before.row(), "DreamBooth LoRA": after.row(), "real images": ref.real.row()}
+    report_png = write_sheet(out / "report.png", subject, identifier, options, ref, before, after,
+                             result.state_dir / "loss.png", rows)
+    report_html = write_html(out / "report.html", subject, identifier, options, result, rows, seconds, report_png)
+    lap("report")
+    (out / "metrics.json").write_text(json.dumps({"subject": subject.name, "identifier": identifier, "rows": rows,
+                                                  "seconds": seconds, "options": options}, indent=1))
+    return DemoResult(out, result.output, report_html, report_png, identifier, rows, seconds)
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    names = list(next(iter(rows.values())))
+    lines = [f"{'':<18}" + "".join(f"{n:>8}" for n in names)]
+    lines += [f"{label:<18}" + "".join(f"{values[n]:>8.3f}" for n in names) for label, values in rows.items()]
+    return "\n".join(lines)
+
+
+def write_sheet(path: Path, subject: world.Subject, identifier: str, options: Mapping, ref: Reference,
+                before: Measurement, after: Measurement, loss_png: Path, rows) -> Path:
+    """One PNG: photos, the subject in new contexts (base vs LoRA), the bare class before and after,
+    the loss curve and the metrics."""
+    from PIL import Image, ImageDraw
+
+    from ..priors.core import write_png
+    from ..sampling.core import _font
+
+    cell, pad = 96, 8
+    per_row = max(len(after.subject_images), len(after.class_images) // 2, len(ref.photos))
+    per_row = min(per_row, 16)
+    width = 2 * pad + per_row * cell
+    font, small = _font(18), _font(14)
+    sections: list[tuple[str, list]] = [
+        (f"training photos (captions 'a photo of a {identifier} {subject.look.shape} on a … background')", ref.photos),
+        (f"DreamBooth LoRA: 'a photo of a {identifier} {subject.look.shape} on a <new> background' "
+         f"({', '.join(world.NEW_CONTEXTS)})", [i for i, _ in after.subject_images]),
+        ("base model, same prompts and seeds (it has never seen the subject)", [i for i, _ in before.subject_images]),
+        (f"bare class '{class_prompt(subject)}' with the LoRA (prior preservation: {options['prior_preservation']})",
+         after.class_images),
+        (f"bare class '{class_prompt(subject)}', base model", before.class_images),
+    ]
+    rows_needed = sum(1 + (len(images) - 1) // per_row for _, images in sections)
+    loss = Image.open(loss_png).convert("RGB") if loss_png.is_file() else None
+    if loss is not None:
+        side = min(width - 2 * pad, 800)
+        loss = loss.resize((side, int(loss.height * side / loss.width)))
+    table = metrics_table(rows).splitlines()
+    height = pad + rows_needed * (cell + 4) + len(sections) * 26 + 40 + 24 * len(table) + 10 + \
+        (loss.height if loss else 0) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for title, images in sections:
+        draw.text((pad, y), title, fill="black", font=font)
+        y += 26
+        for start in range(0, len(images), per_row):
+            for column, image in enumerate(images[start:start + per_row]):
+                sheet.paste(image.resize((cell - 4, cell - 4), Image.NEAREST), (pad + column * cell, y))
+            y += cell + 4
+    y += 10
+    draw.text((pad, y), f"metrics (judge: shapes/judge.py), subject {subject.name}, identifier {identifier!r}",
+              fill="black", font=font)
+    y += 30
+    for line in table:
+        draw.text((pad, y), line, fill="black", font=_mono(16) or small)
+        y += 24
+    if loss is not None:
+        sheet.paste(loss, (pad, y + 10))
+    write_png(sheet, path, f"shapes-world DreamBooth demo: subject {subject.name}, identifier {identifier}")
+    return path
+
+
+def _mono(size: int):
+    from PIL import ImageFont
+
+    for name in ("DejaVuSansMono.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return None
+
+
+def write_html(path: Path, subject: world.Subject, identifier: str, options: Mapping, result, rows, seconds,
+               sheet: Path) -> Path:
+    """The report page: the sheet, the metrics as a table, what was run and how long it took."""
+    from ..priors.core import _write_atomically
+
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in next(iter(rows.values())))
+    body = "".join(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{v:.3f}</td>" for v in values.values()) + "</tr>"
+                   for label, values in rows.items())
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    text = f"""<!doctype html><meta charset="utf-8"><title>DreamBooth demo: {html.escape(subject.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1700px;margin:2em}} td,th{{padding:4px 10px;text-align:right}}</style>
+<h1>DreamBooth LoRA in the shapes world: {html.escape(subject.name)}</h1>
+<p>Identifier <code>{html.escape(identifier)}</code>, class <code>{html.escape(subject.look.shape)}</code>,
+{options['steps']} steps, prior preservation <code>{html.escape(options['prior_preservation'])}</code>.
+LoRA (kohya format, loads in ComfyUI's LoraLoader): <code>{html.escape(str(result.output))}</code>.</p>
+<table><tr><th></th>{head}</tr>{body}</table>
+<p>SUBJ: subject fidelity (look cosine to the photos, the paper's DINO). PROMPT: share of images with the
+background the prompt asked for (CLIP-T). PRES: share of bare-class images that look like the subject
+(lower is better). DIV: diversity of bare-class images.</p>
+<p>Time: {html.escape(timing)}.</p>
+<img src="{html.escape(sheet.name)}" style="max-width:100%">
+"""
+    _write_atomically(path, text.encode())
+    return path

@@ -1,0 +1,353 @@
+"""Pretrain the built-in base model: a miniature Stable Diffusion 1.x of the shapes world.
+
+    python -m dreambooth_lora.shapes.pretrain --threads 1                # ~80 min on 1 CPU thread
+
+(The shipped file is that run, its decoder polished, and 3000 more steps with --init; the exact
+commands and times are in its ``shapes.pretraining`` metadata and in bench/RESULTS.md.)
+
+The result has the SD1.x architecture end to end — AutoencoderKL, CLIP text encoder with the
+real CLIP tokenizer, UNet2DConditionModel with cross-attention — at small widths, and is
+written as one single-file checkpoint in the real SD1.5 key layout, so every part of the
+pack (loader, trainer, exporter, sampler, ComfyUI) treats it like any SD1.5 file.
+
+Three phases, each seeded:
+1. the VAE learns to reconstruct 64 px scenes, patterned objects included (a real VAE has seen
+   everything; the UNet has not), then its latents are rescaled inside its own weights so SD's
+   scaling factor 0.18215 gives them unit spread;
+2. the text encoder and UNet learn together on *solid* objects only, with captions whose colour
+   and background parts are dropped at random (so ``a photo of a circle`` — a class prompt — is
+   meaningful) and 10 % empty captions (for classifier-free guidance); an EMA of the weights is
+   what ships;
+3. the file is written (fp16, ModelSpec metadata with the command, time and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+FAMILY = "sd1"
+SCALING = 0.18215  # SD1's VAE scaling factor: the loader uses the family's value
+TEXT_CONFIG = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+               "num_attention_heads": 1, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+               "projection_dim": 64, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+              "block_out_channels": [32, 32, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
+              "up_block_types": ["UpDecoderBlock2D"] * 3, "norm_num_groups": 32, "sample_size": world.SIZE,
+              "scaling_factor": SCALING}
+# Cross-attention at 8×8 and 4×4 only: what the prompts decide (class, colour, background) is
+# global, and attention over the 16×16 level would cost 2.6× the step time on a CPU.
+UNET_CONFIG = {"block_out_channels": [32, 64, 128], "layers_per_block": 1, "attention_head_dim": 8,
+               "cross_attention_dim": TEXT_CONFIG["hidden_size"], "sample_size": world.SIZE // 4,
+               "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+
+
+def default_path() -> Path:
+    """Where the pack ships the base model."""
+    return Path(__file__).resolve().parent / "base" / "shapes-sd1.safetensors"
+
+
+def build_modules(seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.core import family_config
+
+    torch.manual_seed(seed)
+    spec = family_config(FAMILY)
+    vae = AutoencoderKL.from_config({**spec["vae"], **VAE_CONFIG})
+    unet = UNet2DConditionModel.from_config({**spec["unet"], **UNET_CONFIG})
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    return vae, unet, text
+
+
+def load_modules(path: Path):
+    """The VAE, UNet and text encoder of a shapes checkpoint (fp32), and its pretraining record."""
+    from ..models.core import load_base_model
+
+    base = load_base_model(path, dtype="fp32")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        record = json.loads((handle.metadata() or {}).get("shapes.pretraining", "{}"))
+    return base.vae, base.unet, base.text_encoders[0], record
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(recon, target) + 0.5 * F.l1_loss(recon, target)
+
+
+def fit(name: str, parameters: list, steps: int, lr: float, loss_of_step) -> list[float]:
+    """AdamW (no weight decay) on ``loss_of_step()`` with a cosine decay from ``lr`` to 0."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    started, losses = time.perf_counter(), []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = loss_of_step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            _say(f"{name} {step:5d}/{steps} loss {np.mean(losses[-100:]):.4f} ({time.perf_counter() - started:.0f} s)")
+    return losses
+
+
+# --- phase 1: the VAE ------------------------------------------------------------------
+
+
+def train_vae(vae, steps: int, seed: int, batch: int = 16, pool: int = 6000) -> dict:
+    rng = random.Random(f"vae:{seed}")
+    scenes = [world.random_scene(rng, world.random_look(rng) if i % 2 else None) for i in range(pool)]
+    images = _pixels(world.render_many(scenes))
+    generator = torch.Generator().manual_seed(seed)
+    vae.train()
+    started = time.perf_counter()
+
+    def loss_of_step() -> torch.Tensor:
+        x = images[torch.randint(len(images), (batch,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        return reconstruction_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    # cosine decay: sharp edges need the small steps at the end
+    fit("vae", list(vae.parameters()), steps, 1e-3, loss_of_step)
+    vae.eval()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images[:256]).latent_dist.mean).sample
+    return {"vae_steps": steps, "vae_recon_mse": float(F.mse_loss(recon, images[:256])),
+            "vae_seconds": round(time.perf_counter() - started, 1)}
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, images: torch.Tensor) -> float:
+    """Rescale the VAE's latent space inside its weights so that latents × 0.18215 have unit
+    standard deviation — the contract SD's scaling factor stands for. The encoder's mean
+    channels are multiplied by k, its log-variance shifted by 2 ln k, and the decoder's first
+    layer divided by k: the same autoencoder, measured in other units."""
+    spread = float(torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)]).std())
+    k = (1.0 / SCALING) / spread
+    channels = VAE_CONFIG["latent_channels"]
+    vae.quant_conv.weight[:channels] *= k
+    vae.quant_conv.bias[:channels] *= k
+    vae.quant_conv.bias[channels:] += 2 * math.log(k)
+    vae.post_quant_conv.weight /= k
+    return k
+
+
+def polish_decoder(vae, steps: int, seed: int, batch: int = 16, pool: int = 3000) -> dict:
+    """Train the decoder alone on the encoder's *mean* latents — what it decodes in use (the
+    trainer caches means; samples are denoised latents) — without the sampling noise it was
+    first trained under. The encoder is untouched, so latents (and a UNet trained on them) stay
+    valid: this can run before, after or beside phase 2."""
+    rng = random.Random(f"polish:{seed}")
+    scenes = [world.random_scene(rng, world.random_look(rng) if i % 2 else None) for i in range(pool)]
+    images = _pixels(world.render_many(scenes))
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 250]).latent_dist.mean for i in range(0, pool, 250)])
+        before = float(F.mse_loss(vae.decode(latents[:128]).sample, images[:128]))
+    parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    vae.train()
+
+    def loss_of_step() -> torch.Tensor:
+        index = torch.randint(pool, (batch,), generator=generator)
+        return reconstruction_loss(vae.decode(latents[index]).sample, images[index])
+
+    fit("decoder", parameters, steps, 1e-3, loss_of_step)
+    vae.eval()
+    with torch.no_grad():
+        after = float(F.mse_loss(vae.decode(latents[:128]).sample, images[:128]))
+    return {"polish_steps": steps, "decoder_mse_before": round(before, 5), "decoder_mse_after": round(after, 5),
+            "polish_seconds": round(time.perf_counter() - started, 1)}
+
+
+# --- phase 2: text encoder + UNet ----------------------------------------------------------
+
+
+def caption_variants(scene: world.Scene) -> list[str]:
+    return [scene.caption(True, True), scene.caption(True, False), scene.caption(False, True),
+            scene.caption(False, False), ""]
+
+
+def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, pool: int = 24000,
+                    lr: float = 5e-4, ema_decay: float = 0.999, on_checkpoint=None, every: int = 1000) -> dict:
+    from diffusers import DDPMScheduler
+
+    from ..models.core import family_config, make_tokenizer
+    from ..trainer.core import encode_ids
+
+    rng = random.Random(f"unet:{seed}")
+    scenes = [world.random_scene(rng) for _ in range(pool)]
+    started = time.perf_counter()
+    latents = []
+    with torch.no_grad():
+        for start in range(0, pool, 500):
+            pixels = _pixels(world.render_many(scenes[start:start + 500]))
+            latents.append(vae.encode(pixels).latent_dist.mean * SCALING)
+    latents = torch.cat(latents)
+    tokenizer = make_tokenizer("<|endoftext|>")
+    variants = [caption_variants(s) for s in scenes]
+    # Pick weights: full caption most often; the bare class prompt and the empty one regularly.
+    choice_weights = torch.tensor([0.5, 0.12, 0.12, 0.16, 0.10])
+    _say(f"encoded {pool} scenes in {time.perf_counter() - started:.0f} s; latent std {float(latents.std()):.3f}")
+    unique = sorted({c for v in variants for c in v})
+    ids_of = dict(zip(unique, tokenizer(unique, padding="max_length", max_length=77, truncation=True,
+                                        return_tensors="pt").input_ids))
+    scheduler = DDPMScheduler.from_config({**family_config(FAMILY)["scheduler"], "prediction_type": "epsilon"})
+    alphas = scheduler.alphas_cumprod
+    parameters = list(unet.parameters()) + list(text.parameters())
+    optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "weight_decay": 1e-2},
+                                   # no decay on the text encoder: rows of tokens never seen must keep their size
+                                   {"params": list(text.parameters()), "weight_decay": 0.0}], lr=lr)
+    ema = [p.detach().clone() for p in parameters]
+    generator = torch.Generator().manual_seed(seed)
+    unet.train(), text.train()
+    losses = []
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / 500)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warm * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
+        index = torch.randint(pool, (batch,), generator=generator)
+        picks = torch.multinomial(choice_weights, batch, replacement=True, generator=generator)
+        ids = torch.stack([ids_of[variants[i][p]] for i, p in zip(index.tolist(), picks.tolist())])
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        context, _ = encode_ids(FAMILY, [text], [ids])
+        prediction = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in parameters], 1 - decay)
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            _say(f"unet {step:6d}/{steps} loss {np.mean(losses[-200:]):.4f} ({time.perf_counter() - started:.0f} s)")
+        if on_checkpoint is not None and (step + 1) % every == 0 and step + 1 < steps:
+            with swapped_in(parameters, ema):
+                on_checkpoint(step + 1, {"unet_steps": step + 1, "unet_final_loss": float(np.mean(losses[-500:]))})
+    with torch.no_grad():
+        for p, e in zip(parameters, ema):
+            p.copy_(e)
+    unet.eval(), text.eval()
+    return {"unet_steps": steps, "unet_batch": batch, "unet_final_loss": float(np.mean(losses[-500:])),
+            "unet_seconds": round(time.perf_counter() - started, 1)}
+
+
+@contextmanager
+def swapped_in(parameters: list, values: list):
+    """Run with ``values`` (the EMA) in the parameters, then put the trained ones back."""
+    saved = [p.detach().clone() for p in parameters]
+    with torch.no_grad():
+        for p, v in zip(parameters, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(parameters, saved):
+                p.copy_(v)
+
+
+# --- phase 3: the file ---------------------------------------------------------------------
+
+
+def write_checkpoint(vae, unet, text, path: Path, record: dict) -> Path:
+    from ..fixtures.checkpoints import to_single_file, write_safetensors
+
+    states = {"unet": unet.state_dict(), "vae": vae.state_dict(),
+              "text_encoder": {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}}
+    from ..models.core import family_config
+
+    texts = [dict(e) for e in family_config(FAMILY)["text_encoders"]]
+    for entry in texts:
+        entry["config"] = {**entry["config"], **TEXT_CONFIG}
+    states["_configs"] = {"unet": unet.config, "vae": vae.config, "text_encoders": texts}
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in to_single_file(FAMILY, states).items()}
+    metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
+                "modelspec.title": "shapes world SD1 miniature", "modelspec.resolution": f"{world.SIZE}x{world.SIZE}",
+                "modelspec.description": "A miniature Stable Diffusion 1.x pretrained on the procedural shapes world "
+                                         "(dreambooth_lora.shapes). Built by shapes/pretrain.py.",
+                "shapes.pretraining": json.dumps(record, sort_keys=True)}
+    return write_safetensors(tensors, path, metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_lora.shapes.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=default_path(), help="the checkpoint to write")
+    parser.add_argument("--vae-steps", type=int, default=600, help="VAE optimizer steps (batch 16)")
+    parser.add_argument("--unet-steps", type=int, default=6000, help="text encoder + UNet steps (batch 32)")
+    parser.add_argument("--checkpoint-every", type=int, default=1000,
+                        help="also write the file (EMA weights so far) every N UNet steps, to watch progress")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="continue from this shapes checkpoint (its VAE is kept as it is; "
+                                                    "the text encoder and UNet train --unet-steps more)")
+    parser.add_argument("--polish-steps", type=int, default=1000, help="decoder-only steps on mean latents (batch 16)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the text encoder + UNet")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    vae, unet, text = build_modules(args.seed)
+    earlier: dict = {}
+    if args.init:
+        vae, unet, text, earlier = load_modules(args.init)
+    record = {"command": "python -m dreambooth_lora.shapes.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "seed": args.seed, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
+    if args.init:
+        record["continued_from"] = earlier  # the record of the run it continues (nested if that one continued)
+    else:
+        record.update(train_vae(vae, args.vae_steps, args.seed))
+        rng = random.Random(f"scale:{args.seed}")
+        probe = _pixels(world.render_many([world.random_scene(rng) for _ in range(512)]))
+        record["latent_fold"] = round(fold_latent_scale(vae, probe), 4)
+    def on_checkpoint(step: int, progress: dict) -> None:
+        path = write_checkpoint(vae, unet, text, args.out, {**record, **progress, "partial": True})
+        _say(f"wrote {path} at step {step}")
+    if args.polish_steps:
+        record.update(polish_decoder(vae, args.polish_steps, args.seed))
+    if args.unet_steps:
+        record.update(train_diffusion(vae, unet, text, args.unet_steps, args.seed, lr=args.lr,
+                                      on_checkpoint=on_checkpoint, every=args.checkpoint_every))
+    record["total_seconds"] = round(time.perf_counter() - started, 1)
+    path = write_checkpoint(vae, unet, text, args.out, record)
+    _say(json.dumps(record, indent=1))
+    _say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
