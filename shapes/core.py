@@ -85,36 +85,44 @@ class Reference:
     """What real images of a subject and its class say: the judge's yardsticks."""
 
     photos: list  # the training photos
+    photo_looks: torch.Tensor
     prototype: torch.Tensor  # mean look of the photos
     threshold: float  # cos to the prototype above this = "looks like the subject"
-    real: Measurement
+    real: Measurement | None = None
+
+
+def score(judge: Judge, ref: Reference, subject_images: list, class_images: list) -> Measurement:
+    """The four metrics of (image, background asked for) pairs and bare-class images."""
+    from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
+
+    backgrounds = judge.labels([i for i, _ in subject_images], "background")
+    class_looks = judge.looks(class_images).double()
+    return Measurement(
+        subj=mean_pairwise_cosine(judge.looks([i for i, _ in subject_images]), ref.photo_looks),
+        prompt=float(np.mean([seen == asked for seen, (_, asked) in zip(backgrounds, subject_images)])),
+        pres=float(((class_looks @ ref.prototype) > ref.threshold).double().mean()),
+        div=1.0 - mean_cosine_within(class_looks), subject_images=subject_images, class_images=class_images)
 
 
 def reference(subject: world.Subject, judge: Judge, images_per_prompt: int, seed: int = 0) -> Reference:
-    from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
-
+    """The yardsticks, and the real-images row: held-out renders of the subject in the new
+    contexts, and real images of the class (solid looks of every colour)."""
     photos = [world.render(s) for s in world.subject_photos(subject)]
-    looks = judge.looks(photos).double()
-    prototype = torch.nn.functional.normalize(looks.mean(0), dim=0)
+    photo_looks = judge.looks(photos).double()
+    prototype = torch.nn.functional.normalize(photo_looks.mean(0), dim=0)
     held_out = [(world.render(s), s.background) for bg in world.NEW_CONTEXTS
                 for s in subject.scenes(images_per_prompt, seed + 1000, (bg,))]
     real_class = [world.render(s) for s in world.class_scenes(subject.look.shape, 4 * images_per_prompt, seed)]
     subject_similarity = (judge.looks([i for i, _ in held_out]).double() @ prototype).mean()
-    class_looks = judge.looks(real_class).double()
-    threshold = float((subject_similarity + (class_looks @ prototype).mean()) / 2)
-    backgrounds = judge.labels([i for i, _ in held_out], "background")
-    real = Measurement(
-        subj=mean_pairwise_cosine(judge.looks([i for i, _ in held_out]), looks),
-        prompt=float(np.mean([seen == asked for seen, (_, asked) in zip(backgrounds, held_out)])),
-        pres=float(((class_looks @ prototype) > threshold).double().mean()),
-        div=1.0 - mean_cosine_within(class_looks), subject_images=held_out, class_images=real_class)
-    return Reference(photos, prototype, threshold, real)
+    class_similarity = (judge.looks(real_class).double() @ prototype).mean()
+    ref = Reference(photos, photo_looks, prototype, float((subject_similarity + class_similarity) / 2))
+    ref.real = score(judge, ref, held_out, real_class)
+    return ref
 
 
 def measure(session, subject: world.Subject, identifier: str, ref: Reference, judge: Judge, lora: str | None,
             images_per_prompt: int, guidance: float, steps: int, seed: int = 0) -> Measurement:
     """Generate the protocol's images with ``session`` (the base, plus ``lora`` if given) and score them."""
-    from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
     from ..sampling.core import LoraChoice, SampleSettings
 
     loras = [LoraChoice(lora)] if lora else []
@@ -126,15 +134,7 @@ def measure(session, subject: world.Subject, identifier: str, ref: Reference, ju
 
     subject_images = [(image, bg) for bg in world.NEW_CONTEXTS
                       for image in make(subject_prompt(identifier, subject, bg), images_per_prompt)]
-    class_images = make(class_prompt(subject), 4 * images_per_prompt)
-    photo_looks = judge.looks(ref.photos)
-    backgrounds = judge.labels([i for i, _ in subject_images], "background")
-    class_looks = judge.looks(class_images).double()
-    return Measurement(
-        subj=mean_pairwise_cosine(judge.looks([i for i, _ in subject_images]), photo_looks),
-        prompt=float(np.mean([seen == asked for seen, (_, asked) in zip(backgrounds, subject_images)])),
-        pres=float(((class_looks @ ref.prototype) > ref.threshold).double().mean()),
-        div=1.0 - mean_cosine_within(class_looks), subject_images=subject_images, class_images=class_images)
+    return score(judge, ref, subject_images, make(class_prompt(subject), 4 * images_per_prompt))
 
 
 # --- the demo ---------------------------------------------------------------------------
