@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))
 def main() -> int:
     from dreambooth_lora.models.core import load_base_model
     from dreambooth_lora.identifiers.core import propose
-    from dreambooth_lora.priors.core import generate_priors
     from dreambooth_lora.sampling.core import SamplingSession
     from dreambooth_lora.shapes import core, world
     from dreambooth_lora.shapes.judge import Judge
@@ -48,10 +47,7 @@ def main() -> int:
             identifier = propose(1, subject.look.shape, base=base)[0].token
             ref = core.reference(subject, judge, options["images_per_prompt"], options["seed"])
             rows = {"base": core.measure(session, subject, identifier, ref, judge, None, **common).row()}
-            priors = generate_priors(base, str(core.base_path()), Path(tmp) / "class", options["num_class_images"],
-                                     core.class_prompt(subject), steps=options["sample_steps"],
-                                     guidance=options["guidance"], seed=options["seed"],
-                                     batch_size=options["num_class_images"], resolution=world.SIZE)
+            priors = core.make_priors(base, core.base_path(), subject, Path(tmp) / "class", options)
             for label, mode in (("DB-LoRA w/o PP", "off"), ("DB-LoRA with PP", "class_images")):
                 run = core.train_subject(core.base_path(), subject, identifier, Path(tmp) / f"{name}-{mode}",
                                          {**options, "prior_preservation": mode}, priors.folder, f"{name}-{mode}")

@@ -151,6 +151,15 @@ class DemoResult:
     seconds: dict[str, float]
 
 
+def make_priors(base, base_file: str | Path, subject: world.Subject, folder: Path, options: Mapping[str, Any]):
+    """The class priors of the demo's settings (cached: only missing ones are made), in one batch."""
+    from ..priors.core import generate_priors
+
+    return generate_priors(base, str(base_file), folder, options["num_class_images"], class_prompt(subject),
+                           steps=options["sample_steps"], guidance=options["guidance"], seed=options["seed"],
+                           batch_size=options["num_class_images"], resolution=world.SIZE)
+
+
 def train_subject(base_file: str | Path, subject: world.Subject, identifier: str, out: Path,
                   options: Mapping[str, Any], class_dir: Path | None, lora_name: str):
     """One DreamBooth LoRA on a subject's photos (the trainer, with the demo's settings). The
@@ -182,10 +191,8 @@ def run_demo(options: Mapping[str, Any], out: str | Path, base_file: str | Path 
     """``base_file``: another shapes-world base (one you pretrained); default the built-in one."""
     from ..identifiers.core import propose
     from ..models.core import load_base_model
-    from ..priors.core import generate_priors
-    from ..sampling.core import SamplingSession
-
     from ..errors import UserError
+    from ..sampling.core import SamplingSession
 
     options = DEMO_OPTIONS.values(dict(options))
     out = Path(out).expanduser()
@@ -213,9 +220,7 @@ def run_demo(options: Mapping[str, Any], out: str | Path, base_file: str | Path 
 
     class_dir = None
     if options["prior_preservation"] == "class_images":
-        priors = generate_priors(base, str(base_file), out / "class_images", options["num_class_images"],
-                                 class_prompt(subject), steps=options["sample_steps"], guidance=options["guidance"],
-                                 seed=options["seed"], batch_size=options["num_class_images"], resolution=world.SIZE)
+        priors = make_priors(base, base_file, subject, out / "class_images", options)
         class_dir = priors.folder
         say(f"class priors: {len(priors.paths)} images of {class_prompt(subject)!r} in {priors.folder}")
     lap("priors")
@@ -296,8 +301,9 @@ def write_sheet(path: Path, subject: world.Subject, identifier: str, options: Ma
     draw.text((pad, y), f"metrics (judge: shapes/judge.py), subject {subject.name}, identifier {identifier!r}",
               fill="black", font=font)
     y += 30
+    mono = _mono(16) or small
     for line in table:
-        draw.text((pad, y), line, fill="black", font=_mono(16) or small)
+        draw.text((pad, y), line, fill="black", font=mono)
         y += 24
     if loss is not None:
         sheet.paste(loss, (pad, y + 10))

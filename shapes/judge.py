@@ -122,9 +122,7 @@ def _multi_positive(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tenso
 def train_judge(steps: int, seed: int, looks_per_batch: int = 48, pool: int = 3000, renders: int = 4) -> tuple[JudgeNet, dict]:
     rng = random.Random(f"judge:{seed}")
     torch.manual_seed(seed)
-    # Half solid looks (what the base draws), half patterned (what subjects look like).
-    looks = [world.random_look(rng) if i % 2 else world.Look(rng.choice(world.CLASSES), rng.choice(list(world.COLORS)))
-             for i in range(pool)]
+    looks = [world.mixed_look(rng, i) for i in range(pool)]
     scenes = [world.random_scene(rng, look) for look in looks for _ in range(renders)]
     started = time.perf_counter()
     images = to_pixels(world.render_many(scenes))
@@ -169,8 +167,7 @@ def check_judge(judge: Judge, seed: int = 1234, count: int = 600) -> dict:
     """Accuracy on fresh renders (another seed than training) and how well looks separate:
     the share of renders whose nearest other render is of the same look."""
     rng = random.Random(f"judge-check:{seed}")
-    looks = [world.random_look(rng) if i % 2 else world.Look(rng.choice(world.CLASSES), rng.choice(list(world.COLORS)))
-             for i in range(count // 2)]
+    looks = [world.mixed_look(rng, i) for i in range(count // 2)]
     scenes = [world.random_scene(rng, look) for look in looks for _ in range(2)]
     out = judge.run(world.render_many(scenes))
     result = {}

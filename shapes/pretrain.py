@@ -122,7 +122,7 @@ def fit(name: str, parameters: list, steps: int, lr: float, loss_of_step) -> lis
 
 def train_vae(vae, steps: int, seed: int, batch: int = 16, pool: int = 6000) -> dict:
     rng = random.Random(f"vae:{seed}")
-    scenes = [world.random_scene(rng, world.random_look(rng) if i % 2 else None) for i in range(pool)]
+    scenes = [world.random_scene(rng, world.mixed_look(rng, i)) for i in range(pool)]
     images = _pixels(world.render_many(scenes))
     generator = torch.Generator().manual_seed(seed)
     vae.train()
@@ -165,7 +165,7 @@ def polish_decoder(vae, steps: int, seed: int, batch: int = 16, pool: int = 3000
     first trained under. The encoder is untouched, so latents (and a UNet trained on them) stay
     valid: this can run before, after or beside phase 2."""
     rng = random.Random(f"polish:{seed}")
-    scenes = [world.random_scene(rng, world.random_look(rng) if i % 2 else None) for i in range(pool)]
+    scenes = [world.random_scene(rng, world.mixed_look(rng, i)) for i in range(pool)]
     images = _pixels(world.render_many(scenes))
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 250]).latent_dist.mean for i in range(0, pool, 250)])

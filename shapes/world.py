@@ -82,6 +82,12 @@ def random_look(rng: random.Random) -> Look:
     return Look(rng.choice(CLASSES), color, rng.choice(PATTERNS), color2)
 
 
+def mixed_look(rng: random.Random, index: int) -> Look:
+    """Every other one solid (what the base draws), the rest any look (what subjects look like):
+    the mix the VAE and the judge learn from."""
+    return random_look(rng) if index % 2 else Look(rng.choice(CLASSES), rng.choice(list(COLORS)))
+
+
 # --- drawing ---------------------------------------------------------------------------
 
 
