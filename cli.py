@@ -10,6 +10,14 @@ from . import __version__
 from .errors import UserError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake gets one line that names the option and where help is, not the
+    whole usage text (subcommands inherit this class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message.rstrip('.')}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .converters import cli as converters_cli
     from .data import cli as data_cli
@@ -22,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import cli as models_cli
     from .shapes import cli as shapes_cli
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dreambooth-lora",
         description="DreamBooth LoRA for Stable Diffusion 1.x / 2.x / XL: the command-line side of the ComfyUI pack.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -30,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in (models_cli, data_cli, identifiers_cli, priors_cli, trainer_cli, converters_cli, sampling_cli,
                   evaluation_cli, shapes_cli, fixtures_cli):
         stage.register(subparsers)
+    parser.set_defaults(subcommands=subparsers.choices)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the subcommand, whose --help lists what it takes
+        args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args) or 0
     except UserError as err:

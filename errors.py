@@ -11,3 +11,8 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A file or folder that is not a base model we can load."""
+
+
+class Cancelled(KeyboardInterrupt):
+    """A loop stopped because its ``should_stop()`` said so (ComfyUI's Cancel). It is a
+    KeyboardInterrupt so that a cancel and a Ctrl-C take the same way out."""

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dreambooth_lora.fixtures.checkpoints import fixture_path
-    from dreambooth_lora.models.core import load_base_model
+    from dreambooth_lora.models.load import load_base_model
     from dreambooth_lora.priors.core import generate_priors, make_pipeline
 
     base_path = args.base or str(fixture_path("sd15-full"))

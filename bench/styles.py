@@ -4,7 +4,7 @@
 
 The style: black-and-white pictures (pretraining only ever shows colour), 12 varied scenes
 captioned as the world captions them; style mode appends ``, in the style of {tokens}``. Three methods, same steps, seed and pictures
-(``trainer.core.STYLE_METHODS``): a UNet LoRA with the identifier ``sks`` as the style word,
+(``trainer.options.STYLE_METHODS``): a UNet LoRA with the identifier ``sks`` as the style word,
 textual inversion alone (2 new tokens, initialised from "monochrome"), and pivotal tuning (the
 2 tokens + the LoRA). Each then draws 8 held-out prompts (class and background never trained
 together) × 2 seeds, in the style.
@@ -33,11 +33,13 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from dreambooth_lora.models.core import load_base_model
+    from dreambooth_lora.models.load import load_base_model
     from dreambooth_lora.sampling.core import LoraChoice, SampleSettings, SamplingSession
     from dreambooth_lora.shapes import core, world
     from dreambooth_lora.shapes.judge import Judge
-    from dreambooth_lora.trainer.core import STYLE_METHODS, TrainJob, train
+    from dreambooth_lora.trainer.job import TrainJob
+    from dreambooth_lora.trainer.loop import train
+    from dreambooth_lora.trainer.options import STYLE_METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400)

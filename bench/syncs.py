@@ -5,7 +5,7 @@
 Runs the trainer under torch.cuda.set_sync_debug_mode("warn") from the 4th step on, records
 every synchronising CUDA call with the line of our code that made it, and prints the count per
 step and the places. By design there is one per step: the previous step's losses are read
-(see `settle` in trainer/core.py), which waits only for work that is already done or nearly so.
+(see `LossLog.settle` in trainer/logs.py), which waits only for work that is already done or nearly so.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def main() -> None:
     from train import make_images
 
     from dreambooth_lora.fixtures.checkpoints import fixture_path
-    from dreambooth_lora.trainer import core
+    from dreambooth_lora.trainer.job import TrainJob
+    from dreambooth_lora.trainer.loop import train
 
     work = Path(tempfile.mkdtemp())
     photos, classes = make_images(work / "p", 4, args.resolution, 0), make_images(work / "c", 4, args.resolution, 1)
@@ -69,9 +70,9 @@ def main() -> None:
 
     options = {"resolution": args.resolution, "steps": args.steps, "rank": 4, "alpha": 4, "save_every": 0,
                "prior_preservation": "class_images", "mixed_precision": "bf16", "seed": 0}
-    job = core.TrainJob(base=str(fixture_path(args.fixture)), output=str(work / "o.safetensors"),
-                        instance_dir=str(photos), class_dir=str(classes), options=options)
-    core.train(job, should_stop=poll)
+    job = TrainJob(base=str(fixture_path(args.fixture)), output=str(work / "o.safetensors"),
+                   instance_dir=str(photos), class_dir=str(classes), options=options)
+    train(job, should_stop=poll)
     counted_steps = args.steps - 1 - 3
     print(f"{counting['count']} synchronising CUDA calls in {counted_steps} steps "
           f"({counting['count'] / counted_steps:.2f} per step)")

@@ -141,7 +141,8 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "reference":
         reference_loop(args, base_path, photos, classes, on_step)
     else:
-        from dreambooth_lora.trainer import core
+        from dreambooth_lora.trainer.job import TrainJob
+        from dreambooth_lora.trainer.loop import train
 
         options = {"resolution": args.resolution, "steps": args.steps, "rank": args.rank, "alpha": args.rank,
                    "prior_preservation": "class_images", "save_every": 0, "learning_rate": 1e-4,
@@ -149,9 +150,9 @@ def worker(args: argparse.Namespace) -> dict:
                    "gradient_checkpointing": args.gradient_checkpointing,
                    "cache_latents": args.worker == "ours-cached", "instance_prompt": "a photo of sks dog",
                    "class_prompt": "a photo of a dog"}
-        job = core.TrainJob(base=base_path, output=str(work / "bench.safetensors"), instance_dir=str(photos),
-                            class_dir=str(classes), options=options)
-        core.train(job, on_step=on_step)
+        job = TrainJob(base=base_path, output=str(work / "bench.safetensors"), instance_dir=str(photos),
+                       class_dir=str(classes), options=options)
+        train(job, on_step=on_step)
     steps = [b - a for a, b in zip(marks, marks[1:])][args.warmup - 1:]
     unet = [b - a for a, b in zip(insides, insides[1:])][args.warmup - 1:]
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else \
@@ -168,8 +169,8 @@ def reference_loop(args, base_path: str, photos: Path, classes: Path, on_step) -
     from peft import LoraConfig, inject_adapter_in_model
     from PIL import Image
 
-    from dreambooth_lora.models.core import load_base_model
-    from dreambooth_lora.trainer.core import encode_text
+    from dreambooth_lora.models.load import load_base_model
+    from dreambooth_lora.runtime.text import encode_text
 
     device = torch.device(args.device)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]

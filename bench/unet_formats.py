@@ -27,8 +27,8 @@ def main() -> None:
     from peft import inject_adapter_in_model
 
     from dreambooth_lora.fixtures.checkpoints import fixture_path
-    from dreambooth_lora.models.core import load_base_model
-    from dreambooth_lora.trainer import core
+    from dreambooth_lora.models.load import load_base_model
+    from dreambooth_lora.runtime.peft import UNET_TARGETS, adapter_config
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -36,8 +36,7 @@ def main() -> None:
     base = load_base_model(str(fixture_path(args.fixture)), dtype="fp16" if cuda else "fp32", device=str(device))
     unet = base.unet.to(dtype=dtype)
     unet.requires_grad_(False)
-    options = core.ALL_OPTIONS.values({"rank": 16, "alpha": 16})
-    inject_adapter_in_model(core.adapter_config(options, core.UNET_TARGETS["attention"]), unet)
+    inject_adapter_in_model(adapter_config("lora", 16, 16.0, 0.0, UNET_TARGETS["attention"]), unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import CONVERT_OPTIONS, SAVE_OPTIONS
+from .options import CONVERT_OPTIONS
 from ..options import Option, OptionSet
 
 INFO_OPTIONS = OptionSet(CONVERT_OPTIONS["base"], Option("json", False, "Print JSON instead of text.", node=False))
@@ -29,42 +29,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(path: str, base: str | None):
-    from . import core
+    from .files import detect_family, load_adapter
+    from .structure import reference_structure, structure_of_checkpoint
 
-    structure = core.structure_of_checkpoint(base) if base else core.reference_structure(core.detect_family(path))
-    return core.load_adapter(path, structure)
+    structure = structure_of_checkpoint(base) if base else reference_structure(detect_family(path))
+    return load_adapter(path, structure)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from . import core
+    from ..models.families import FAMILIES
+    from .diffusers import save_peft
+    from .kohya import save_kohya
 
     opts = CONVERT_OPTIONS.values(args)
     adapter = _load(args.input, opts["base"])
     if opts["to"] == "kohya":
-        written = core.save_kohya(adapter, args.output, opts["dtype"], opts["overwrite"], keep_metadata=adapter.metadata,
-                                  bake_alpha=opts["bake_alpha"])
+        written = save_kohya(adapter, args.output, opts["dtype"], opts["overwrite"], keep_metadata=adapter.metadata,
+                             bake_alpha=opts["bake_alpha"])
     else:
-        written = core.save_peft(adapter, args.output, opts["dtype"], opts["overwrite"])
+        written = save_peft(adapter, args.output, opts["dtype"], opts["overwrite"])
     summary = adapter.summary()
-    print(f"{written}: {opts['to']} LoRA for {core.DISPLAY[adapter.family]}, {sum(summary['modules'].values())} modules "
+    print(f"{written}: {opts['to']} LoRA for {FAMILIES[adapter.family].display}, {sum(summary['modules'].values())} modules "
           f"({', '.join(f'{k} {v}' for k, v in sorted(summary['modules'].items()))}), rank {summary['rank']}, alpha {summary['alpha']}, {opts['dtype']}")
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from . import core
+    from ..models.families import FAMILIES
 
     opts = INFO_OPTIONS.values(args)
     adapter = _load(args.input, opts["base"])
     summary = adapter.summary()
-    summary["family"] = core.DISPLAY[adapter.family]
+    summary["family"] = FAMILIES[adapter.family].display
     summary["metadata"] = adapter.metadata
     if opts["json"]:
         print(json.dumps(summary, indent=1, default=str))
         return 0
     print(f"family:     {summary['family']}")
     print(f"algorithm:  {summary['algorithm']}")
-    print(f"modules:    " + ", ".join(f"{k} {v}" for k, v in sorted(summary["modules"].items())) + f" (3x3 conv: {summary['conv_modules']})")
+    print("modules:    " + ", ".join(f"{k} {v}" for k, v in sorted(summary["modules"].items())) + f" (3x3 conv: {summary['conv_modules']})")
     print(f"rank:       {summary['rank']}" + (f" (all: {summary['ranks']})" if len(summary["ranks"]) > 1 else ""))
     print(f"alpha:      {summary['alpha']}" + (f" (all: {summary['alphas']})" if len(summary["alphas"]) > 1 else ""))
     for key in ("ss_output_name", "ss_base_model_version", "ss_network_module", "modelspec.architecture", "sshs_model_hash"):

@@ -8,7 +8,12 @@ One file per concept holds its N learned vectors for each text encoder:
                                                       for its own encoder)
 
 The file's name is the concept's name in prompts: ``embedding:NAME`` in ComfyUI, the bare word
-``NAME`` in A1111. Which loader lines this follows is cited in ``tests/test_embeddings.py``.
+``NAME`` in A1111. The loader code these keys are written for: ComfyUI ``comfy/sd1_clip.py``
+``load_embed`` (``string_to_param``, else the encoder's ``embedding_key``, ``clip_l`` or
+``clip_g`` as ``comfy/sdxl_clip.py`` sets it, else ``bundle_emb.*``, else the file's first
+tensor) and A1111 ``modules/textual_inversion/textual_inversion.py``
+``create_embedding_from_data`` (one ``string_to_param`` entry, or ``clip_l`` and ``clip_g``, or
+exactly one tensor). The keys per family are in the family records (``models.families``).
 The same vectors can also be bundled into a LoRA file as A1111's ``bundle_emb.NAME.…`` keys
 (ComfyUI's LoraLoader does not read those, so the separate file is the default).
 Only safetensors are written; ``.pt`` files are read with ``weights_only=True``.
@@ -21,11 +26,12 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
+from ..models.families import FAMILIES
+from ..runtime.files import write_safetensors
 
-# Per family: the file key of each text encoder's vectors, in the base model's encoder order.
-EMBEDDING_KEYS = {"sd1": ("emb_params",), "sd2": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
 TOKENS_KEY = "dreambooth_lora.tokens"  # metadata: the tokens the vectors were trained as (e.g. <s1><s2>)
 
 
@@ -43,7 +49,7 @@ class Embedding:
 
 def embedding_tensors(family: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's tensors: fp32, contiguous, on the CPU (A1111 casts to fp32 on load anyway)."""
-    keys = EMBEDDING_KEYS[family]
+    keys = FAMILIES[family].embedding_keys
     if len(vectors) != len(keys):
         raise ValueError(f"{family} needs {len(keys)} vector sets, got {len(vectors)}")
     return {key: v.detach().float().contiguous().cpu() for key, v in zip(keys, vectors)}
@@ -55,22 +61,20 @@ def bundle_tensors(family: str, name: str, vectors: list[torch.Tensor]) -> dict[
     if "." in name:
         raise UserError(f"{name!r}: a bundled embedding's name cannot contain '.'; rename the output.")
     tensors = embedding_tensors(family, vectors)
-    if family == "sdxl":
+    if len(tensors) > 1:
         return {f"bundle_emb.{name}.{key}": value for key, value in tensors.items()}
-    return {f"bundle_emb.{name}.string_to_param.*": tensors["emb_params"]}
+    return {f"bundle_emb.{name}.string_to_param.*": next(iter(tensors.values()))}
 
 
 def write_embedding(path: str | Path, family: str, vectors: list[torch.Tensor], tokens: str = "",
                     metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write the embedding file atomically (safetensors only)."""
-    from .core import write_atomically
-
+    """Write the embedding file (safetensors only; one durable write)."""
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: embeddings are written as .safetensors files; change the name.")
     meta = {**{k: str(v) for k, v in (metadata or {}).items()}, TOKENS_KEY: tokens,
             "dreambooth_lora.family": family, "dreambooth_lora.vectors": str(int(vectors[0].shape[0]))}
-    return write_atomically(embedding_tensors(family, vectors), path, meta, overwrite)
+    return write_safetensors(path, embedding_tensors(family, vectors), meta, overwrite)
 
 
 def _vectors_from(data: Mapping, family: str, dims: list[int], path: Path) -> list[torch.Tensor]:
@@ -82,15 +86,17 @@ def _vectors_from(data: Mapping, family: str, dims: list[int], path: Path) -> li
     if bundled:
         data = {("emb_params" if k.startswith("string_to_param") else k): v for k, v in bundled.items()}
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if family == "sdxl":
-        if not {"clip_l", "clip_g"} <= set(tensors):
-            raise UserError(f"{path}: not an SDXL embedding (it needs clip_l and clip_g vectors, it has "
-                            f"{', '.join(sorted(tensors)) or 'none'}); use an embedding made for SDXL.")
-        vectors = [tensors["clip_l"], tensors["clip_g"]]
+    record = FAMILIES[family]
+    if len(record.embedding_keys) > 1:  # one key per text encoder
+        if not set(record.embedding_keys) <= set(tensors):
+            raise UserError(f"{path}: not an {record.display} embedding (it needs {' and '.join(record.embedding_keys)} "
+                            f"vectors, it has {', '.join(sorted(tensors)) or 'none'}); use an embedding made for "
+                            f"{record.display}.")
+        vectors = [tensors[key] for key in record.embedding_keys]
     else:
         if len(tensors) != 1:
-            raise UserError(f"{path}: holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); an SD1/SD2 "
-                            "embedding holds one [N, dim] tensor (emb_params).")
+            raise UserError(f"{path}: holds {len(tensors)} tensors ({', '.join(sorted(tensors))}); an {record.display} "
+                            f"embedding holds one [N, dim] tensor ({record.embedding_keys[0]}).")
         vectors = [next(iter(tensors.values()))]
     vectors = [v.float().reshape(-1, v.shape[-1]) for v in vectors]
     for vector, dim in zip(vectors, dims):
@@ -105,8 +111,6 @@ def _vectors_from(data: Mapping, family: str, dims: list[int], path: Path) -> li
 def read_embedding(path: str | Path, family: str, dims: list[int], name: str | None = None) -> Embedding:
     """Read an embedding file (ours, A1111's or one from a LoRA's ``bundle_emb`` keys) for a
     model of ``family`` whose text encoders take ``dims`` values per token."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: no such embedding file; check the path.")

@@ -1,6 +1,7 @@
 """kohya / A1111 LoRA module names ⇄ our module paths.
 
-We write what kohya's sd-scripts writes (see ../shared/reference/lora-format.md §1):
+We write what kohya's sd-scripts writes (``networks/lora.py``: ``LoRANetwork`` and its
+``create_modules``; the per-family prefixes are in ``models.families``):
 - SD1.x / SD2.x UNet: diffusers module paths, ``lora_unet_down_blocks_0_attentions_0_…``;
 - SDXL UNet: LDM module paths, ``lora_unet_input_blocks_4_1_…``;
 - text encoders: ``lora_te_`` (one encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL), always
@@ -19,13 +20,9 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from ..models import layouts
+from ..models.families import FAMILIES
 
 UNET_PREFIX = "lora_unet_"
-TEXT_PREFIXES = {
-    "sd1": {"text_encoder": "lora_te_"},
-    "sd2": {"text_encoder": "lora_te_"},
-    "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
-}
 
 
 def canonical_path(component: str, path: str) -> str:
@@ -42,15 +39,17 @@ def ldm_module_path(path: str, unet_layout: Mapping) -> str:
 
 def kohya_name(family: str, component: str, path: str, unet_layout: Mapping) -> str:
     """The module name kohya would write for ``component``/``path``."""
+    record = FAMILIES[family]
     if component == "unet":
-        if family == "sdxl":
+        if record.kohya_unet_names == "ldm":
             path = ldm_module_path(path, unet_layout)
         return UNET_PREFIX + path.replace(".", "_")
-    return TEXT_PREFIXES[family][component] + "text_model_" + canonical_path(component, path).replace(".", "_")
+    return record.kohya_text_prefixes[component] + "text_model_" + canonical_path(component, path).replace(".", "_")
 
 
 def accepted_names(family: str, modules: Iterable[tuple[str, str]], unet_layout: Mapping) -> dict[str, tuple[str, str]]:
     """Every module name a file may use → (component, path), for the given model structure."""
+    record = FAMILIES[family]
     names: dict[str, tuple[str, str]] = {}
     for component, path in modules:
         target = (component, canonical_path(component, path))
@@ -62,9 +61,7 @@ def accepted_names(family: str, modules: Iterable[tuple[str, str]], unet_layout:
                 pass  # a module with no LDM counterpart keeps only its diffusers name
         else:
             flat = target[1].replace(".", "_")
-            prefixes = {TEXT_PREFIXES[family][component]}
-            if family != "sdxl":
-                prefixes.add("lora_te1_")  # ComfyUI accepts it for SD1; some tools write it
+            prefixes = {record.kohya_text_prefixes[component], *record.kohya_text_aliases.get(component, ())}
             for prefix in prefixes:
                 names[prefix + "text_model_" + flat] = target
                 names[prefix + flat] = target

@@ -2,28 +2,41 @@
 
 A1111 decides which base a LoRA belongs to from ``ss_base_model_version`` (``sdxl_…``) and
 ``ss_v2``; any metadata without them reads as SD1, and the LoRA is then hidden on SD2/SDXL
-checkpoints. ``ss_output_name`` is A1111's prompt alias. ComfyUI reads no metadata.
+checkpoints. ``ss_output_name`` is A1111's prompt alias. ComfyUI reads no metadata. The
+per-family values are in the family records (``models.families``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
 from typing import Mapping
 
-from .core import Adapter
+import torch
+from safetensors.torch import save
 
-BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+from ..models.families import FAMILIES
+from .adapter import Adapter
+
+# modelspec.implementation, by how kohya names the family's UNet modules: the diffusers way
+# (SD1/SD2) or the LDM (sgm) way (SDXL), as sd-scripts' library/sai_model_spec.py records it.
+IMPLEMENTATION = {"diffusers": "diffusers", "ldm": "https://github.com/Stability-AI/generative-models"}
+
+
+def data_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the safetensors data section (header excluded), as kohya's ``sshs_model_hash``:
+    metadata can change without changing the hash users compare."""
+    blob = save(dict(tensors))
+    header = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header:]).hexdigest()
 
 
 def build_metadata(adapter: Adapter, data_hash: str, output_name: str, *, prediction_type: str = "epsilon",
                    title: str | None = None, trigger_phrase: str | None = None, comment: str | None = None,
                    hyperparameters: Mapping | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    family = adapter.family
-    v_model = family == "sd2" and prediction_type == "v_prediction"
+    family = FAMILIES[adapter.family]
     summary = adapter.summary()
     conv = [m for m in adapter.modules.values() if m.is_3x3_conv]
     network_args = {}
@@ -35,22 +48,21 @@ def build_metadata(adapter: Adapter, data_hash: str, output_name: str, *, predic
         # kohya has one conv rank; with mixed ranks, report the most common (as for ss_network_dim)
         network_args["conv_dim"] = str(Counter(m.rank for m in conv).most_common(1)[0][0])
         network_args["conv_alpha"] = str(Counter(m.alpha for m in conv).most_common(1)[0][0])
-    architecture = "stable-diffusion-v2-768-v" if v_model else ARCHITECTURE[family]
-    resolution = 768 if v_model else RESOLUTION[family]
+    architecture = family.for_prediction(family.architecture, prediction_type)
+    resolution = family.for_prediction(family.resolution, prediction_type)
     meta = {
         "ss_network_module": "networks.lora" if summary["algorithm"] == "lora" else "lycoris.kohya",
         "ss_network_dim": str(summary["rank"]),
         "ss_network_alpha": str(summary["alpha"]),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": BASE_VERSION[family] + ("_v" if v_model else ""),
-        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": family.for_prediction(family.base_version, prediction_type),
+        "ss_v2": str(family.kohya_v2),
         "ss_output_name": output_name,
         "ss_resolution": f"({resolution}, {resolution})",
         "sshs_model_hash": data_hash,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{architecture}/lora",
-        # kohya names SD1/SD2 UNet modules the diffusers way and SDXL ones the LDM (sgm) way
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.implementation": IMPLEMENTATION[family.kohya_unet_names],
         "modelspec.title": title or output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),

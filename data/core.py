@@ -68,12 +68,8 @@ class InstanceDataset:
         caption, and SDXL's size conditioning (original size, crop top-left, target size)."""
         item = self.images[index % len(self.images)]
         box = item.crop_box(rng if self.crop == "random" else None)
-        picture = item.image.crop(box)
-        if self.flip and rng is not None and rng.random() < 0.5:
-            picture = ImageOps.mirror(picture)
-        pixels = np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-        return {"pixels": pixels, "caption": item.caption, "original_size": item.image.size[::-1],
-                "crop_top_left": (box[1], box[0]), "target_size": item.target_size[::-1]}
+        flip = self.flip and rng is not None and rng.random() < 0.5
+        return {"pixels": training_pixels(item, box, flip), "caption": item.caption, **size_conditioning(item, box)}
 
     def report(self) -> str:
         lines = [f"{len(self.images)} image(s) usable, {len(self.skipped)} skipped; training size "
@@ -293,3 +289,18 @@ def load_batch(images: np.ndarray | Iterable, captions: Sequence[str] | None, in
         items.append(InstanceImage(source, fill_caption(template, identifier, class_word), fitted, target,
                                    picture.size, notes + fit_notes))
     return _finish(items, skipped, "the image batch", options)
+
+
+def training_pixels(item, box: tuple[int, int, int, int], flip: bool) -> np.ndarray:
+    """The pixels the model trains on: ``item``'s image cut to ``box`` (mirrored if ``flip``), as
+    float32 CHW in [-1, 1] (what the VAE encodes)."""
+    picture = item.image.crop(box)
+    if flip:
+        picture = ImageOps.mirror(picture)
+    return np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def size_conditioning(item, box: tuple[int, int, int, int]) -> dict:
+    """SDXL's size conditioning of ``item`` cut to ``box``: original size, crop top-left, target size (h, w)."""
+    return {"original_size": item.image.size[::-1], "crop_top_left": (box[1], box[0]),
+            "target_size": item.target_size[::-1]}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..models.options import LOAD_OPTIONS
 from ..sampling.options import SAMPLE_OPTIONS
@@ -46,11 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluators(values: dict):
-    from .core import load_evaluator
+    from .core import load_evaluators
 
-    dino = load_evaluator(values["dino"], "dino") if values["dino"] else None
-    clip = load_evaluator(values["clip"], "clip") if values["clip"] else None
-    return dino, clip
+    return load_evaluators(values["dino"], values["clip"])
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -74,11 +71,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_best(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
-    from ..models.core import load_base_model
-    from ..sampling.core import SamplingSession
+    from ..runtime.devices import default_device
+    from ..models.load import load_base_model
+    from ..sampling.session import SamplingSession
     from .core import read_images, score_checkpoints
 
     values = {**EVAL_OPTIONS.values(args), **BEST_OPTIONS.values(args)}
@@ -88,7 +85,7 @@ def run_best(args: argparse.Namespace) -> int:
 
         raise UserError("no evaluator model: pass --dino and/or --clip (local paths; nothing is downloaded).")
     real = [image for _, image in read_images(args.real)]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     session = SamplingSession(load_base_model(args.base, **LOAD_OPTIONS.values(args), device=device), args.base)
     prompts = [p.strip() for p in values["prompts"].split("|") if p.strip()]
     with tqdm(unit="checkpoint", desc="scoring") as bar:

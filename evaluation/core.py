@@ -24,12 +24,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from ..data.core import IMAGE_SUFFIXES, fill_caption, open_image, to_rgb
 from ..errors import UserError
+from ..models.families import TOKENIZER_DIR
+from ..runtime.parameters import png_parameters, read_parameters
+from ..sampling.patch import LoraChoice
+from ..sampling.settings import SampleSettings
+from ..trainer.checkpoint import TRAINER_JSON, list_checkpoints, step_of
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -193,14 +199,20 @@ def load_evaluator(path: str | Path, kind: str) -> Evaluator:
     raise UserError(f"{path}: a {model_type or 'unknown'} model, not CLIP (clip or clip_vision_model).")
 
 
+def load_evaluators(dino_path: str, clip_path: str) -> tuple[Any, Any]:
+    """(DINO, CLIP) evaluators from the --dino/--clip paths; None for a path left empty."""
+    dino = load_evaluator(dino_path, "dino") if dino_path else None
+    clip = load_evaluator(clip_path, "clip") if clip_path else None
+    return dino, clip
+
+
 def _clip_tokenizer(folder: Path):
     """The folder's own tokenizer, else CLIP's BPE shipped with the pack (the same vocabulary)."""
     from transformers import CLIPTokenizer
 
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    bundled = Path(__file__).resolve().parents[1] / "models" / "configs" / "clip_tokenizer"
-    return CLIPTokenizer.from_pretrained(bundled, local_files_only=True)
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
 
 
 def _clip_vision_file(path: Path) -> Evaluator:
@@ -244,7 +256,6 @@ def _clip_vision_file(path: Path) -> Evaluator:
 def read_images(folder: str | Path, skipped: list | None = None) -> list[tuple[Path, Any]]:
     """Every image in ``folder`` (checked as the dataset stage checks them), with its path; an
     unusable file is left out and, when ``skipped`` is given, listed there with its reason."""
-    from ..data.core import IMAGE_SUFFIXES, open_image, to_rgb
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -263,12 +274,7 @@ def read_images(folder: str | Path, skipped: list | None = None) -> list[tuple[P
 
 def image_prompt(path: Path) -> str | None:
     """The prompt an image was made with, from its A1111 ``parameters`` text (LoRA tags removed)."""
-    from PIL import Image
-
-    from ..sampling.core import read_parameters
-
-    with Image.open(path) as image:
-        text = image.info.get("parameters")
+    text = png_parameters(path, required=False)
     return read_parameters(text)["prompt"] if text else None
 
 
@@ -356,9 +362,6 @@ def score_checkpoints(session, state_dir: str | Path, real: Sequence[Any], promp
                       on_progress=None) -> tuple[list[dict], dict]:
     """Sample the held-out ``prompts`` ({id}/{class} filled from the training record) with every
     checkpoint of a training state folder, score each, and return (rows, recommended row)."""
-    from ..data.core import fill_caption
-    from ..sampling.core import LoraChoice, SampleSettings
-    from ..trainer.checkpoint import TRAINER_JSON, list_checkpoints
 
     folder = Path(state_dir).expanduser()
     checkpoints = [c for c in list_checkpoints(folder) if (c / "lora.safetensors").is_file()]
@@ -378,7 +381,7 @@ def score_checkpoints(session, state_dir: str | Path, real: Sequence[Any], promp
                                       loras=[LoraChoice(str(checkpoint / "lora.safetensors"))])
             generated += [(sample.image, prompt) for sample in session.sample(settings)]
         scores = evaluate(generated, real, dino, clip, identifier)
-        step = int(checkpoint.name.split("-")[1])
+        step = step_of(checkpoint)
         rows.append({"step": step, "lora": str(checkpoint / "lora.safetensors"), **scores.values})
         if on_progress is not None:
             on_progress(index + 1, len(checkpoints))

@@ -25,11 +25,11 @@ def run(args: argparse.Namespace) -> int:
     opts = IDENTIFIER_OPTIONS.values(args)
     base = None
     if args.base:
-        from ..models.core import load_base_model
+        from ..models.load import load_base_model
 
         base = load_base_model(args.base)
     if args.check:
-        from ..models.core import make_tokenizer
+        from ..models.load import make_tokenizer
 
         tokenizer = base.tokenizers[0] if base else make_tokenizer("<|endoftext|>")
         problems = core.check(args.check, tokenizer, opts["min_token_id"])

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..models.core import TOKENIZER_DIR
+from ..models.families import TOKENIZER_DIR
+from ..models.load import make_tokenizer
+from ..runtime.text import tokenize
 
 WORD_LIST = Path(__file__).with_name("common_short_words.txt")
 VOCAB_SIZE = 49408
@@ -70,8 +72,7 @@ def prior_shift(text_encoders: list, tokenizers: list, words: list[str], class_w
     shifts = torch.zeros(len(words))
     for encoder, tokenizer in zip(text_encoders, tokenizers):
         def pooled(texts: list[str]) -> torch.Tensor:
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+            ids = tokenize(tokenizer, texts).to(encoder.device)
             hidden = encoder(ids, output_hidden_states=False).last_hidden_state
             # the end-of-text position (first occurrence of the highest id) summarises the prompt
             return hidden[torch.arange(len(texts)), ids.argmax(dim=-1)].float()
@@ -102,8 +103,6 @@ def check(identifier: str, tokenizer=None, min_token_id: int = 20000) -> list[st
     if not word:
         return ["the identifier is empty; pick one of the proposals"]
     if tokenizer is None:
-        from ..models.core import make_tokenizer
-
         tokenizer = make_tokenizer("<|endoftext|>")
     pieces = tokenizer.tokenize(word)
     if len(pieces) > 1:

@@ -20,18 +20,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import core
+    from .inspect import describe, inspect
+    from .load import load_base_model
 
     opts = INSPECT_OPTIONS.values(args)
     if opts["quick"]:
-        info, load_seconds, dtype = core.inspect(args.checkpoint, opts["prediction_type"]), None, None
+        info, load_seconds, dtype = inspect(args.checkpoint, opts["prediction_type"]), None, None
     else:
-        model = core.load_base_model(args.checkpoint, opts["dtype"], opts["prediction_type"])
+        model = load_base_model(args.checkpoint, opts["dtype"], opts["prediction_type"])
         info, load_seconds, dtype = model.info, model.load_seconds, model.dtype
     if opts["json"]:
         report = info.to_json()
         report["load_seconds"] = load_seconds
         print(json.dumps(report, indent=1, default=str))
     else:
-        print(core.describe(info, load_seconds, dtype))
+        print(describe(info, load_seconds, dtype))
     return 0

@@ -1,8 +1,9 @@
 """Key layouts: single-file (LDM / "original") checkpoints ⇄ diffusers components.
 
-One set of renaming rules serves both directions: the loader reads LDM keys into
-diffusers modules, and the test fixtures write diffusers modules out as LDM keys. The
-tests check these rules against ComfyUI's own converters, an independent implementation.
+One set of renaming rules serves both directions: the loader (``load``) reads LDM keys into
+diffusers modules, and ``save.to_single_file`` writes diffusers modules out as LDM keys (the
+test fixtures, the shapes base). The tests check these rules against ComfyUI's own
+converters, an independent implementation.
 
 Conventions: a *diffusers key* is a key of the diffusers/transformers module's state dict;
 an *LDM key* is the key as it appears in a single-file checkpoint (prefix included).
@@ -11,7 +12,7 @@ an *LDM key* is the key as it appears in a single-file checkpoint (prefix includ
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 

@@ -14,7 +14,7 @@ BASE_TYPE = "DBLORA_BASE"  # a base-model handle: {"path", "dtype", "prediction_
 DATASET_TYPE = "DBLORA_DATASET"  # {"dataset": InstanceDataset, "instance_prompt", "identifier", "class_word"}
 CLASS_IMAGES_TYPE = "DBLORA_CLASS_IMAGES"  # a folder of class images (str)
 
-_SESSIONS: dict[tuple, Any] = {}  # (path, dtype, prediction_type) → sampling.core.SamplingSession
+_SESSIONS: dict[tuple, Any] = {}  # (path, dtype, prediction_type) → sampling.SamplingSession
 
 
 def device() -> str:
@@ -40,7 +40,7 @@ def release() -> None:
 
 def load_base(handle: dict):
     """A fresh copy of the base model (training changes the model it is given)."""
-    from ..models.core import load_base_model
+    from ..models.load import load_base_model
 
     return load_base_model(handle["path"], dtype=handle["dtype"], prediction_type=handle["prediction_type"],
                            device=device())
@@ -54,7 +54,7 @@ def drop_sessions() -> None:
 def sampling_session(handle: dict):
     """One sampling session per base model, kept between runs: LoRA patches are undone from
     saved originals, so the cached model is always the clean base underneath."""
-    from ..sampling.core import SamplingSession
+    from ..sampling.session import SamplingSession
 
     key = (handle["path"], handle["dtype"], handle["prediction_type"])
     if key not in _SESSIONS:
@@ -134,17 +134,6 @@ def training_mode() -> Iterator[None]:
 
     with torch.inference_mode(False), torch.enable_grad():
         yield
-
-
-def copy_atomically(source, target) -> None:
-    """Copy a file so that ``target`` never exists half-written (ComfyUI lists models/loras live)."""
-    import shutil
-    from pathlib import Path
-
-    target = Path(target)
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, temporary)
-    temporary.replace(target)
 
 
 def images_to_tensor(images: list) -> Any:

@@ -12,11 +12,11 @@ from ..data.options import DATA_OPTIONS, PROMPT_OPTIONS
 from ..identifiers.options import IDENTIFIER_OPTIONS
 from ..models.options import LOAD_OPTIONS
 from ..priors.options import PRIOR_OPTIONS
-from . import common
+from . import common, paths
 
 CATEGORY = "DreamBooth LoRA"
 PRIOR_NODE_OPTIONS = ("class_prompt", "num_class_images", "negative_prompt", "steps", "guidance", "sampler", "seed",
-                      "batch_size", "resolution")
+                      "resolution")
 
 
 class LoadBaseModel(io.ComfyNode):
@@ -30,8 +30,9 @@ class LoadBaseModel(io.ComfyNode):
                                    tooltip="A checkpoint from ComfyUI's models/checkpoints folder."),
                     *LOAD_OPTIONS.node_inputs(io),
                     io.String.Input("diffusers_folder", default="", optional=True,
-                                    tooltip="A diffusers model folder (with model_index.json) to use instead of "
-                                            "ckpt_name; empty = use ckpt_name.")],
+                                    tooltip="A diffusers model folder (with model_index.json) under ComfyUI's "
+                                            "models or input folder, to use instead of ckpt_name; empty = use "
+                                            "ckpt_name.")],
             outputs=[io.Custom(common.BASE_TYPE).Output(display_name="base", tooltip="The base model, for the "
                                                                                      "DreamBooth LoRA nodes.")])
 
@@ -39,7 +40,10 @@ class LoadBaseModel(io.ComfyNode):
     def validate_inputs(cls, ckpt_name: str, dtype: str, prediction_type: str,
                         diffusers_folder: str = "") -> bool | str:
         if isinstance(diffusers_folder, str) and diffusers_folder.strip():
-            if not (Path(diffusers_folder.strip()).expanduser() / "model_index.json").is_file():
+            outside = paths.problem(diffusers_folder, "diffusers_folder")
+            if outside:
+                return outside
+            if not (paths.confined(diffusers_folder, "diffusers_folder") / "model_index.json").is_file():
                 return f"diffusers_folder: {diffusers_folder!r} has no model_index.json; give a diffusers model folder."
         elif ckpt_name not in folder_paths.get_filename_list("checkpoints"):
             return f"ckpt_name: {ckpt_name!r} is not in ComfyUI's models/checkpoints folder."
@@ -48,7 +52,7 @@ class LoadBaseModel(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, dtype: str, prediction_type: str, diffusers_folder: str = "") -> io.NodeOutput:
         if diffusers_folder.strip():
-            path = str(Path(diffusers_folder.strip()).expanduser())
+            path = str(paths.confined(diffusers_folder, "diffusers_folder"))
         else:
             path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         return io.NodeOutput({"path": path, "dtype": dtype, "prediction_type": prediction_type})
@@ -62,8 +66,9 @@ class InstanceImages(io.ComfyNode):
             description="The 3-20 photos of the subject: a folder (captions from <name>.txt beside each photo) or "
                         "an IMAGE batch. Every image is checked now: EXIF rotation, transparency, grayscale/CMYK/"
                         "16-bit and small images are handled; unusable files are skipped with their reason.",
-            inputs=[io.String.Input("folder", default="", tooltip="Folder with the subject's photos (leave empty "
-                                                                  "to use the images input)."),
+            inputs=[io.String.Input("folder", default="", tooltip="Folder with the subject's photos, under ComfyUI's "
+                                                                  "input folder (e.g. 'my_dog' for input/my_dog); "
+                                                                  "leave empty to use the images input."),
                     io.Image.Input("images", optional=True, tooltip="The subject's photos as an IMAGE batch "
                                                                    "(used when folder is empty)."),
                     io.String.Input("captions", default="", multiline=True, optional=True,
@@ -78,15 +83,16 @@ class InstanceImages(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **given) -> bool | str:
-        return (PROMPT_OPTIONS + DATA_OPTIONS).node_problem(given) or True
+        return paths.problem(given.get("folder", ""), "folder") or (PROMPT_OPTIONS + DATA_OPTIONS).node_problem(given) \
+            or True
 
     @classmethod
     def fingerprint_inputs(cls, folder: str = "", **_) -> str:
         # Same folder path, changed photos: re-run (ComfyUI would otherwise reuse the old dataset).
-        if not folder or not Path(folder).expanduser().is_dir():
+        if not folder or paths.problem(folder, "folder") or not paths.confined(folder, "folder").is_dir():
             return ""
         digest = hashlib.sha256()
-        for path in sorted(Path(folder).expanduser().rglob("*")):
+        for path in sorted(paths.confined(folder, "folder").rglob("*")):
             if path.is_file():
                 stat = path.stat()
                 digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -100,7 +106,7 @@ class InstanceImages(io.ComfyNode):
         prompt = PROMPT_OPTIONS.values(options)
         data = DATA_OPTIONS.values(options)
         if folder.strip():
-            dataset = load_folder(folder.strip(), prompt["instance_prompt"], prompt["identifier"], prompt["class_word"],
+            dataset = load_folder(paths.confined(folder, "folder"), prompt["instance_prompt"], prompt["identifier"], prompt["class_word"],
                                   **data)
         elif images is not None:
             lines = captions.splitlines() if captions else None
@@ -136,7 +142,8 @@ class SuggestIdentifier(io.ComfyNode):
     def execute(cls, count: int, class_word: str, min_token_id: int, base=None) -> io.NodeOutput:
         from ..identifiers.core import propose
 
-        model = common.sampling_session(base).base if base is not None else None
+        # the bare model: a LoRA the session put on for an earlier sample must not sway the scores
+        model = common.sampling_session(base).without_loras() if base is not None else None
         proposals = propose(count, class_word, min_token_id, model, score=model is not None)
         report = "\n".join(f"{c.token:<6} id {c.token_id}  {c.reason()}" for c in proposals)
         return io.NodeOutput(proposals[0].token if proposals else "", report, ui=ui.PreviewText(report))
@@ -171,13 +178,12 @@ class ClassPriors(io.ComfyNode):
 
         values = PRIOR_OPTIONS.values(options)
         cache = Path(folder_paths.get_output_directory()) / "dreambooth_lora" / "class_images"
-        session = common.sampling_session(base)
-        session.patcher.apply([])  # the bare base model
+        bare = common.sampling_session(base).without_loras()
         progress = common.Progress(values["num_class_images"])
         with common.cancellable():  # finished images are kept
-            result = generate_priors(session.base, base["path"], cache, values["num_class_images"],
+            result = generate_priors(bare, base["path"], cache, values["num_class_images"],
                                      values["class_prompt"], values["negative_prompt"], values["steps"],
-                                     values["guidance"], values["sampler"], values["seed"], values["batch_size"],
+                                     values["guidance"], values["sampler"], values["seed"],
                                      values["resolution"], on_progress=lambda done, total: progress.set(done),
                                      should_stop=common.interrupted)
         shown = [Image.open(p).convert("RGB") for p in result.paths[:preview_count]]

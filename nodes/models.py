@@ -37,8 +37,8 @@ class InspectCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, prediction_type: str) -> io.NodeOutput:
         # Imported on first use: torch-heavy modules must not slow ComfyUI's start-up.
-        from ..models import core
+        from ..models.inspect import describe, inspect
 
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        report = core.describe(core.inspect(path, LOAD_OPTIONS["prediction_type"].parse(prediction_type, "prediction_type")))
+        report = describe(inspect(path, LOAD_OPTIONS["prediction_type"].parse(prediction_type, "prediction_type")))
         return io.NodeOutput(report, ui=ui.PreviewText(report))

@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..evaluation.options import EVAL_OPTIONS
 from ..sampling.options import SAMPLE_OPTIONS
-from . import common
+from . import common, paths
 
 CATEGORY = "DreamBooth LoRA"
 
@@ -54,7 +54,7 @@ def _embeddings(embedding_name: str, *prompts: str) -> list[str]:
 
 
 def _choice(lora_name: str, lora_file: str, unet_scale: float, te_scale: float) -> list:
-    from ..sampling.core import LoraChoice
+    from ..sampling.patch import LoraChoice
 
     name = (lora_file or "").strip() or lora_name
     if not name or name == "(none)":
@@ -88,12 +88,12 @@ class LoRASampler(io.ComfyNode):
     @classmethod
     def execute(cls, base, lora_name: str, unet_scale: float, te_scale: float, lora_file: str = "",
                 embedding_name: str = "", **options) -> io.NodeOutput:
-        from ..sampling.core import SampleSettings
+        from ..sampling.settings import SampleSettings
 
         values = SAMPLE_OPTIONS.values(options)
         settings = SampleSettings.from_options(values, _choice(lora_name, lora_file, unet_scale, te_scale),
                                                _embeddings(embedding_name, values["prompt"], values["negative"]))
-        progress = common.Progress(settings.steps)
+        progress = common.Progress(settings.steps * settings.batch)
         with common.cancellable():
             samples = common.sampling_session(base).sample(settings, on_step=lambda done, total: progress.set(done),
                                                            should_stop=common.interrupted)
@@ -119,7 +119,7 @@ class LoRAGrid(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, **given) -> bool | str:
         from ..errors import UserError
-        from ..sampling.core import parse_axis
+        from ..sampling.grid import parse_axis
 
         try:
             for axis in ("x", "y"):
@@ -136,7 +136,8 @@ class LoRAGrid(io.ComfyNode):
 
         from PIL import Image
 
-        from ..sampling.core import SampleSettings, make_grid, parse_axis
+        from ..sampling.settings import SampleSettings
+        from ..sampling.grid import make_grid, parse_axis
 
         values = SAMPLE_OPTIONS.values(options)
         prompts = [values["prompt"], values["negative"]] + ([y[len("prompt="):]] if y.startswith("prompt=") else []) + \
@@ -171,12 +172,17 @@ class Evaluate(io.ComfyNode):
             is_output_node=True)
 
     @classmethod
+    def validate_inputs(cls, **given) -> bool | str:
+        return paths.problem(given.get("dino", ""), "dino") or paths.problem(given.get("clip", ""), "clip") or \
+            EVAL_OPTIONS.node_problem(given) or True
+
+    @classmethod
     def execute(cls, generated, real, prompt: str, **options) -> io.NodeOutput:
-        from ..evaluation.core import evaluate, load_evaluator
+        from ..evaluation.core import evaluate, load_evaluators
 
         values = EVAL_OPTIONS.values(options)
-        dino = load_evaluator(values["dino"], "dino") if values["dino"] else None
-        clip = load_evaluator(values["clip"], "clip") if values["clip"] else None
+        dino, clip = load_evaluators(*(str(paths.confined(values[name], name)) if values[name] else ""
+                                       for name in ("dino", "clip")))
         pictures = common.tensor_to_images(generated)
         scores = evaluate([(p, prompt) for p in pictures], common.tensor_to_images(real), dino, clip,
                           values["identifier"])

@@ -1,8 +1,13 @@
-"""The training node: a DreamBooth LoRA into ComfyUI's loras folder."""
+"""The training node: a DreamBooth LoRA into ComfyUI's loras folder.
+
+The node maps its inputs to a ``TrainJob`` with ``resume="auto"`` (the trainer's policy:
+queueing the same settings again continues a cancelled run, or answers at once when it is
+complete; other settings start afresh) and copies the results into models/loras and
+models/embeddings.
+"""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import folder_paths
@@ -12,19 +17,6 @@ from ..trainer.options import CLASS_OPTIONS, TRAIN_OPTIONS
 from . import common
 
 CATEGORY = "DreamBooth LoRA"
-# Node defaults that differ from the CLI's: what the issue's users start from.
-NODE_DEFAULTS = {"steps": 1000}
-
-
-def _inputs() -> list:
-    inputs = []
-    for option in TRAIN_OPTIONS:
-        if option.node:
-            item = option.node_input(io)
-            if option.name in NODE_DEFAULTS:
-                item.default = NODE_DEFAULTS[option.name]
-            inputs.append(item)
-    return inputs
 
 
 class TrainDreamBoothLoRA(io.ComfyNode):
@@ -46,7 +38,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                     io.String.Input("lora_name", default="dreambooth_lora",
                                     tooltip="File name in models/loras (without .safetensors)."),
                     CLASS_OPTIONS["class_prompt"].node_input(io),
-                    *_inputs()],
+                    *TRAIN_OPTIONS.node_inputs(io)],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The file written into models/loras "
                                                                          "(empty for textual inversion alone)."),
                      io.Image.Output(display_name="loss_curve", tooltip="Instance and prior loss over the steps."),
@@ -67,78 +59,57 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                 **options) -> io.NodeOutput:
         from PIL import Image
 
-        from ..converters.core import output_path_in
         from ..errors import UserError
-        from ..trainer.checkpoint import list_checkpoints
-        from ..trainer.core import TrainingError, TrainingStopped, TrainJob, resolve_options, state_dir_for, train
+        from ..runtime.files import confined_name, copy_file
+        from ..trainer.checkpoint import LOSS_PLOT, state_dir_for, step_of
+        from ..trainer.job import RESUME_AUTO, TrainJob, TrainingStopped, resolve_settings
+        from ..trainer.loop import train
 
         values = {**TRAIN_OPTIONS.values(options), "class_prompt": class_prompt,
                   **{k: dataset[k] for k in ("instance_prompt", "identifier", "class_word")},
                   "resolution": dataset["dataset"].resolution, "crop": dataset["dataset"].crop,
                   "flip": dataset["dataset"].flip}
-        values = resolve_options(values)
-        if values["prior_preservation"] == "class_images" and not class_images:
+        settings = resolve_settings(values)
+        if settings.prior_preservation == "class_images" and not class_images:
             raise UserError("prior_preservation is class_images but no class images are connected: add a Class "
                             "Prior Images node, or set prior_preservation to base_model (no class images needed).")
         work = Path(folder_paths.get_output_directory()) / "dreambooth_lora"
-        final = output_path_in(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
-        staged = output_path_in(work, f"{lora_name}.safetensors")
-        tokens = values["new_tokens"] > 0
-        lora_due = values["train_unet"] or values["train_text_encoder"]
+        final = confined_name(folder_paths.get_folder_paths("loras")[0], f"{lora_name}.safetensors")
+        staged = confined_name(work, f"{lora_name}.safetensors")
+        tokens = settings.new_tokens > 0
+        lora_due = settings.train_unet or settings.train_text_encoder
         # the embedding is named like the LoRA (embedding:<lora_name>); alone, it is the output itself
-        staged_embedding = (output_path_in(work / "embeddings", f"{lora_name}.safetensors") if lora_due else staged) \
+        staged_embedding = (confined_name(work / "embeddings", f"{lora_name}.safetensors") if lora_due else staged) \
             if tokens else None
-        final_embedding = output_path_in(folder_paths.get_folder_paths("embeddings")[0], f"{lora_name}.safetensors") \
+        final_embedding = confined_name(folder_paths.get_folder_paths("embeddings")[0], f"{lora_name}.safetensors") \
             if tokens else None
         state = state_dir_for(staged)
-        progress = common.Progress(values["steps"])
+        progress = common.Progress(settings.steps)
         cancel = common.CancelWatch()
         common.drop_sessions()
         common.free_comfyui_memory()
-
-        def run(resume: str | None):
+        result = None
+        try:
             with common.training_mode():  # the model too: weights made under inference_mode cannot train
-                job = TrainJob(base=base["path"], output=str(staged), options=values,
-                               instance_dataset=dataset["dataset"], class_dir=class_images, resume=resume,
+                job = TrainJob(base=base["path"], output=str(staged), options=settings,
+                               instance_dataset=dataset["dataset"], class_dir=class_images, resume=RESUME_AUTO,
                                overwrite=True, base_model=common.load_base(base),
                                embedding_output=str(staged_embedding) if staged_embedding else None)
-                return train(job, should_stop=cancel,
-                             on_step=lambda row: cancel.quietly(progress.set, row["step"]),
-                             on_preview=lambda path: cancel.quietly(progress.set, progress_step(path),
-                                                                    Image.open(path)))
-
-        def progress_step(path: Path) -> int:
-            return int(path.stem.split("-")[1])
-
-        done = list_checkpoints(state)
-        latest = int(done[-1].name.split("-")[1]) if done else 0
-        try:
-            if latest == values["steps"] and staged.is_file():
-                result = None  # this very run already finished: its file is the answer
-            else:
-                if latest >= values["steps"]:
-                    shutil.rmtree(state, ignore_errors=True)  # asked for fewer steps than were done: a new run
-                try:
-                    result = run(str(state) if 0 < latest < values["steps"] else None)
-                except TrainingError as err:
-                    if "was trained with other settings" not in str(err) and "another base model" not in str(err):
-                        raise
-                    shutil.rmtree(state, ignore_errors=True)  # a different run: start it from scratch
-                    result = run(None)
+                result = train(job, should_stop=cancel,
+                               on_step=lambda row: cancel.quietly(progress.set, row["step"]),
+                               on_preview=lambda path: cancel.quietly(progress.set, step_of(path), Image.open(path)))
         except TrainingStopped:
             cancel.stop()  # ComfyUI's Cancel; the checkpoint is saved
         finally:
             common.release()
         if lora_due:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            common.copy_atomically(staged, final)
+            copy_file(staged, final)
         if final_embedding is not None:
-            final_embedding.parent.mkdir(parents=True, exist_ok=True)
-            common.copy_atomically(staged_embedding, final_embedding)
-        curve_path = state / "loss.png"
+            copy_file(staged_embedding, final_embedding)
+        curve_path = state / LOSS_PLOT
         curve = common.images_to_tensor([Image.open(curve_path).convert("RGB")]) if curve_path.exists() else \
             common.images_to_tensor([Image.new("RGB", (64, 64), "white")])
-        steps = result.steps_done if result is not None else values["steps"]
+        steps = result.steps_done if result is not None else settings.steps
         written = ([f"models/loras/{final.name}"] if lora_due else []) + \
             ([f"models/embeddings/{final_embedding.name} (embedding:{final_embedding.stem})"] if tokens else [])
         text = f"{' and '.join(written)}: {steps} steps; state and checkpoints in {state}"
@@ -165,12 +136,11 @@ class SaveLoRAStep(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name: str, step: int, save_as: str) -> io.NodeOutput:
-        from ..converters.core import output_path_in
-        from ..sampling.core import step_lora
+        from ..runtime.files import confined_name, copy_file
+        from ..trainer.checkpoint import lora_of_step
 
         trained = Path(folder_paths.get_output_directory()) / "dreambooth_lora" / lora_name
-        source = Path(step_lora(str(trained), step)) if step else \
-            Path(folder_paths.get_full_path_or_raise("loras", lora_name))
-        final = output_path_in(folder_paths.get_folder_paths("loras")[0], f"{save_as}.safetensors")
-        common.copy_atomically(source, final)
+        source = lora_of_step(trained, step) if step else Path(folder_paths.get_full_path_or_raise("loras", lora_name))
+        final = confined_name(folder_paths.get_folder_paths("loras")[0], f"{save_as}.safetensors")
+        copy_file(source, final)
         return io.NodeOutput(final.name, ui=ui.PreviewText(f"{final.name} ← {source}"))

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "reuses what is there and generates only the missing ones; Ctrl-C keeps every finished image.")
     parser.add_argument("--base", required=True, help="The base checkpoint (.safetensors/.ckpt or diffusers folder).")
     parser.add_argument("--out", required=True, help="Cache root folder for class images.")
-    parser.add_argument("--num", dest="num_class_images", type=PRIOR_OPTIONS["num_class_images"]._argparse_type,
+    parser.add_argument("--num", dest="num_class_images", type=PRIOR_OPTIONS["num_class_images"].argparse_type,
                         help="Alias of --num-class-images.")
     PRIOR_OPTIONS.add_to_parser(parser)
     LOAD_OPTIONS.add_to_parser(parser)
@@ -24,17 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..models.core import load_base_model
+    from ..runtime.devices import default_device
+    from ..models.load import load_base_model
     from .core import generate_priors
 
     opts = PRIOR_OPTIONS.values(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     base = load_base_model(args.base, **LOAD_OPTIONS.values(args), device=device)
     result = generate_priors(base, args.base, args.out, opts["num_class_images"], opts["class_prompt"],
                              opts["negative_prompt"], opts["steps"], opts["guidance"], opts["sampler"], opts["seed"],
-                             opts["batch_size"], opts["resolution"])
+                             opts["resolution"])
     rate = f", {result.images_per_second:.2f} images/s" if result.generated else ""
     print(f"{result.folder}: {len(result.paths)} class images ({result.reused} reused, {result.generated} generated"
           f"{rate})")

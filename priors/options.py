@@ -14,7 +14,6 @@ PRIOR_OPTIONS = OptionSet(
     Option("sampler", "ddim", "Sampler for class images.", choices=("ddim", "euler", "euler_a", "dpmpp_2m")),
     Option("seed", 0, "Image i uses seed + i, so the same settings always give the same images.", min=0,
            max=2**63 - 1),
-    Option("batch_size", 4, "Images generated together (more is faster until memory runs out).", min=1, max=64),
     Option("resolution", 0, "Class image size in pixels; 0 = the model's native size (512 SD1, 768 SD2-v, "
            "1024 SDXL). Use the training resolution.", min=0, max=4096, step=8),
 )

@@ -55,18 +55,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _session(args: argparse.Namespace):
-    import torch
+    from ..runtime.devices import default_device
+    from ..models.load import load_base_model
+    from .session import SamplingSession
 
-    from ..models.core import load_base_model
-    from .core import SamplingSession
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     base = load_base_model(args.base, **LOAD_OPTIONS.values(args), device=device)
     return SamplingSession(base, args.base)
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from .core import SampleSettings, parse_lora, png_parameters, save_sample, settings_from_parameters
+    from ..runtime.parameters import png_parameters
+    from .settings import SampleSettings, settings_from_parameters
+    from .patch import parse_lora
+    from .session import save_sample
 
     if args.recreate:
         dirs = args.lora_dir or [str(Path(p.split(":")[0]).parent) for p in args.lora]
@@ -86,7 +88,9 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_grid(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .core import SampleSettings, make_grid, parse_axis, parse_lora
+    from .settings import SampleSettings
+    from .grid import make_grid, parse_axis
+    from .patch import parse_lora
 
     settings = SampleSettings.from_options(SAMPLE_OPTIONS.values(args), [parse_lora(t) for t in args.lora],
                                            args.embedding)

@@ -32,6 +32,18 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ..errors import UserError
+from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
+from ..identifiers.core import propose
+from ..models.load import load_base_model
+from ..priors.core import generate_priors
+from ..runtime import pictures
+from ..runtime.files import write_png, write_text
+from ..sampling.patch import LoraChoice
+from ..sampling.session import SamplingSession
+from ..sampling.settings import SampleSettings
+from ..trainer.job import TrainJob
+from ..trainer.loop import train
 from . import world
 from .judge import Judge
 from .options import DEMO_OPTIONS
@@ -93,7 +105,6 @@ class Reference:
 
 def score(judge: Judge, ref: Reference, subject_images: list, class_images: list) -> Measurement:
     """The four metrics of (image, background asked for) pairs and bare-class images."""
-    from ..evaluation.core import mean_cosine_within, mean_pairwise_cosine
 
     backgrounds = judge.labels([i for i, _ in subject_images], "background")
     class_looks = judge.looks(class_images).double()
@@ -123,7 +134,6 @@ def reference(subject: world.Subject, judge: Judge, images_per_prompt: int, seed
 def measure(session, subject: world.Subject, identifier: str, ref: Reference, judge: Judge, lora: str | None,
             images_per_prompt: int, guidance: float, steps: int, seed: int = 0) -> Measurement:
     """Generate the protocol's images with ``session`` (the base, plus ``lora`` if given) and score them."""
-    from ..sampling.core import LoraChoice, SampleSettings
 
     loras = [LoraChoice(lora)] if lora else []
 
@@ -152,20 +162,16 @@ class DemoResult:
 
 
 def make_priors(base, base_file: str | Path, subject: world.Subject, folder: Path, options: Mapping[str, Any]):
-    """The class priors of the demo's settings (cached: only missing ones are made), in one batch."""
-    from ..priors.core import generate_priors
-
+    """The class priors of the demo's settings (cached: only missing ones are made)."""
     return generate_priors(base, str(base_file), folder, options["num_class_images"], class_prompt(subject),
                            steps=options["sample_steps"], guidance=options["guidance"], seed=options["seed"],
-                           batch_size=options["num_class_images"], resolution=world.SIZE)
+                           resolution=world.SIZE)
 
 
 def train_subject(base_file: str | Path, subject: world.Subject, identifier: str, out: Path,
                   options: Mapping[str, Any], class_dir: Path | None, lora_name: str):
     """One DreamBooth LoRA on a subject's photos (the trainer, with the demo's settings). The
     trainer loads its own copy of the base: training changes the model it is given."""
-    from ..trainer.core import TrainJob, train
-
     photos = out / "photos"
     if not photos.is_dir():
         write_photos(subject, photos)
@@ -189,11 +195,6 @@ def train_subject(base_file: str | Path, subject: world.Subject, identifier: str
 def run_demo(options: Mapping[str, Any], out: str | Path, base_file: str | Path | None = None,
              say: Callable[[str], None] = print) -> DemoResult:
     """``base_file``: another shapes-world base (one you pretrained); default the built-in one."""
-    from ..identifiers.core import propose
-    from ..models.core import load_base_model
-    from ..errors import UserError
-    from ..sampling.core import SamplingSession
-
     options = DEMO_OPTIONS.values(dict(options))
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -262,14 +263,12 @@ def write_sheet(path: Path, subject: world.Subject, identifier: str, options: Ma
     the loss curve and the metrics."""
     from PIL import Image, ImageDraw
 
-    from ..priors.core import write_png
-    from ..sampling.core import _font
 
     cell, pad = 96, 8
     per_row = max(len(after.subject_images), len(after.class_images) // 2, len(ref.photos))
     per_row = min(per_row, 16)
     width = 2 * pad + per_row * cell
-    font, small = _font(18), _font(14)
+    font, small = pictures.font(18), pictures.font(14)
     sections: list[tuple[str, list]] = [
         (f"training photos (captions 'a photo of a {identifier} {subject.look.shape} on a … background')", ref.photos),
         (f"DreamBooth LoRA: 'a photo of a {identifier} {subject.look.shape} on a <new> background' "
@@ -325,7 +324,6 @@ def _mono(size: int):
 def write_html(path: Path, subject: world.Subject, identifier: str, options: Mapping, result, rows, seconds,
                sheet: Path) -> Path:
     """The report page: the sheet, the metrics as a table, what was run and how long it took."""
-    from ..priors.core import _write_atomically
 
     head = "".join(f"<th>{html.escape(n)}</th>" for n in next(iter(rows.values())))
     body = "".join(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{v:.3f}</td>" for v in values.values()) + "</tr>"
@@ -344,5 +342,5 @@ background the prompt asked for (CLIP-T). PRES: share of bare-class images that 
 <p>Time: {html.escape(timing)}.</p>
 <img src="{html.escape(sheet.name)}" style="max-width:100%">
 """
-    _write_atomically(path, text.encode())
+    write_text(path, text)
     return path

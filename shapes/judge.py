@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+from ..runtime.files import write_safetensors
 from . import world
 
 HEADS = {"background": list(world.BACKGROUNDS), "shape": list(world.CLASSES), "color": list(world.COLORS)}
@@ -74,8 +76,6 @@ class Judge:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Judge":
         from safetensors.torch import load_file
-
-        from ..errors import UserError
 
         path = Path(path or default_path())
         if not path.is_file():
@@ -184,8 +184,6 @@ def check_judge(judge: Judge, seed: int = 1234, count: int = 600) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..fixtures.checkpoints import write_safetensors
-
     parser = argparse.ArgumentParser(prog="python -m dreambooth_lora.shapes.judge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=default_path())
     parser.add_argument("--steps", type=int, default=1500)
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     net, record = train_judge(args.steps, args.seed)
     record.update(check_judge(Judge(net)))
     record["command"] = "python -m dreambooth_lora.shapes.judge " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_safetensors(net.state_dict(), args.out, {"shapes.judge": json.dumps(record, sort_keys=True)})
+    write_safetensors(args.out, net.state_dict(), {"shapes.judge": json.dumps(record, sort_keys=True)})
     print(json.dumps(record, indent=1))
     return 0
 

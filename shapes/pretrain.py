@@ -38,6 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.families import family_config
+from ..models.load import load_base_model, make_tokenizer, noise_scheduler
+from ..models.save import to_single_file
+from ..runtime.files import write_safetensors
+from ..runtime.text import encode_ids
 from . import world
 
 FAMILY = "sd1"
@@ -66,8 +71,6 @@ def build_modules(seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..models.core import family_config
-
     torch.manual_seed(seed)
     spec = family_config(FAMILY)
     vae = AutoencoderKL.from_config({**spec["vae"], **VAE_CONFIG})
@@ -78,8 +81,6 @@ def build_modules(seed: int):
 
 def load_modules(path: Path):
     """The VAE, UNet and text encoder of a shapes checkpoint (fp32), and its pretraining record."""
-    from ..models.core import load_base_model
-
     base = load_base_model(path, dtype="fp32")
     from safetensors import safe_open
 
@@ -197,11 +198,6 @@ def caption_variants(scene: world.Scene) -> list[str]:
 
 def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, pool: int = 24000,
                     lr: float = 5e-4, ema_decay: float = 0.999, on_checkpoint=None, every: int = 1000) -> dict:
-    from diffusers import DDPMScheduler
-
-    from ..models.core import family_config, make_tokenizer
-    from ..trainer.core import encode_ids
-
     rng = random.Random(f"unet:{seed}")
     scenes = [world.random_scene(rng) for _ in range(pool)]
     started = time.perf_counter()
@@ -219,7 +215,7 @@ def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, poo
     unique = sorted({c for v in variants for c in v})
     ids_of = dict(zip(unique, tokenizer(unique, padding="max_length", max_length=77, truncation=True,
                                         return_tensors="pt").input_ids))
-    scheduler = DDPMScheduler.from_config({**family_config(FAMILY)["scheduler"], "prediction_type": "epsilon"})
+    scheduler = noise_scheduler(FAMILY, "epsilon")
     alphas = scheduler.alphas_cumprod
     parameters = list(unet.parameters()) + list(text.parameters())
     optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "weight_decay": 1e-2},
@@ -284,23 +280,19 @@ def swapped_in(parameters: list, values: list):
 
 
 def write_checkpoint(vae, unet, text, path: Path, record: dict) -> Path:
-    from ..fixtures.checkpoints import to_single_file, write_safetensors
-
     states = {"unet": unet.state_dict(), "vae": vae.state_dict(),
               "text_encoder": {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}}
-    from ..models.core import family_config
-
     texts = [dict(e) for e in family_config(FAMILY)["text_encoders"]]
     for entry in texts:
         entry["config"] = {**entry["config"], **TEXT_CONFIG}
-    states["_configs"] = {"unet": unet.config, "vae": vae.config, "text_encoders": texts}
-    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in to_single_file(FAMILY, states).items()}
+    configs = {"unet": unet.config, "vae": vae.config, "text_encoders": texts}
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in to_single_file(states, configs).items()}
     metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
                 "modelspec.title": "shapes world SD1 miniature", "modelspec.resolution": f"{world.SIZE}x{world.SIZE}",
                 "modelspec.description": "A miniature Stable Diffusion 1.x pretrained on the procedural shapes world "
                                          "(dreambooth_lora.shapes). Built by shapes/pretrain.py.",
                 "shapes.pretraining": json.dumps(record, sort_keys=True)}
-    return write_safetensors(tensors, path, metadata)
+    return write_safetensors(path, tensors, metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

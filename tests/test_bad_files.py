@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth_lora.cli import main
 from dreambooth_lora.errors import CheckpointError
-from dreambooth_lora.models import core
+from dreambooth_lora.models.load import load_base_model
 
 
 def _save(tmp_path: Path, name: str, tensors: dict) -> Path:
@@ -122,7 +122,7 @@ CASES = ["empty", "text renamed", "truncated", "truncated header", "corrupt head
 def test_bad_file_gets_one_clear_sentence(bad_files, case):
     path, phrase = bad_files[case]
     with pytest.raises(CheckpointError) as raised:
-        core.load_base_model(path)
+        load_base_model(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: "), message  # names the file first
     assert phrase in message, message
@@ -136,7 +136,7 @@ def test_all_cases_are_covered(bad_files):
 def test_pickle_payload_never_runs(bad_files):
     path, _ = bad_files["code-running pickle"]
     with pytest.raises(CheckpointError):
-        core.load_base_model(path)
+        load_base_model(path)
     assert not (path.parent / "PWNED").exists()
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -72,29 +73,19 @@ def _tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, artifacts) -> Iterator[Server]:
+@contextmanager
+def _running_server(base: Path, log_path: Path, extra_env: dict | None = None) -> Iterator[Server]:
+    """ComfyUI's main.py over ``base`` (its --base-directory) on a free loopback port, until the block ends."""
     comfyui = require_comfyui()
-    from dreambooth_lora.fixtures.checkpoints import fixture_path
-
-    base = tmp_path_factory.mktemp("comfyui-base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    shutil.copyfile(fixture_path("sd1-tiny"), base / "models" / "checkpoints" / CHECKPOINT)
-    (base / "models" / "checkpoints" / FULL_CHECKPOINT).symlink_to(fixture_path("sd15-full"))
-    _subject_photos(base / "input" / "my_subject")
-
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = artifacts / "comfyui-server.log"
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
     with open(log_path, "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})})
     try:
         while True:
             if process.poll() is not None:
@@ -119,6 +110,26 @@ def server(tmp_path_factory, artifacts) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
+
+
+def _comfyui_base(base: Path) -> Path:
+    """A ComfyUI base directory with the pack in custom_nodes/, test checkpoints and subject photos."""
+    from dreambooth_lora.fixtures.checkpoints import fixture_path
+
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(fixture_path("sd1-tiny"), base / "models" / "checkpoints" / CHECKPOINT)
+    (base / "models" / "checkpoints" / FULL_CHECKPOINT).symlink_to(fixture_path("sd15-full"))
+    _subject_photos(base / "input" / "my_subject")
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, artifacts) -> Iterator[Server]:
+    base = _comfyui_base(tmp_path_factory.mktemp("comfyui-base"))
+    with _running_server(base, artifacts / "comfyui-server.log") as running:
+        yield running
 
 
 def _subject_photos(folder: Path) -> None:
@@ -243,6 +254,35 @@ def test_bad_inputs_are_refused_when_queued(server, inputs, phrase):
     assert any(e["type"] == "custom_validation_failed" and phrase in e["details"] for e in errors), body
 
 
+def _photos_prompt(server: Server, folder: str) -> dict:
+    """A Subject Photos node alone (it is an output node), every input at its published default."""
+    spec = _get(f"{server.url}/object_info/DBLoRA_InstanceImages")["DBLoRA_InstanceImages"]["input"]["required"]
+    inputs = {name: (entry[1] or {}).get("default", entry[0][0] if isinstance(entry[0], list) else "")
+              for name, entry in spec.items()}
+    node = {"class_type": "DBLoRA_InstanceImages", "inputs": {**inputs, "folder": folder, "resolution": 64}}
+    return {"prompt": {"1": node}, "client_id": "test"}
+
+
+def test_path_inputs_are_confined_unless_the_operator_allows_any(server, tmp_path_factory, artifacts):
+    """A workflow that asks for /etc or ../../ is refused at validation by the server as it runs
+    (ComfyUI's --listen makes anyone who can queue a prompt a reader of the server's files); the
+    same workflow runs once the operator starts ComfyUI with DBLORA_ALLOW_ANY_PATH=1."""
+    outside = tmp_path_factory.mktemp("photos-elsewhere")
+    _subject_photos(outside / "dog")
+    for folder in ("/etc", "../../", str(outside / "dog")):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            _post(f"{server.url}/prompt", _photos_prompt(server, folder))
+        assert caught.value.code == 400
+        body = json.loads(caught.value.read())
+        details = " ".join(e["details"] for e in body["node_errors"]["1"]["errors"])
+        assert "outside ComfyUI's input, output and models folders" in details and "DBLORA_ALLOW_ANY_PATH=1" in details
+    assert _wait_for(server, _queue(server, _photos_prompt(server, "my_subject")["prompt"]))["status"]["status_str"] == "success"
+    base = _comfyui_base(tmp_path_factory.mktemp("comfyui-open"))
+    with _running_server(base, artifacts / "comfyui-server-any-path.log", {"DBLORA_ALLOW_ANY_PATH": "1"}) as open_server:
+        entry = _wait_for(open_server, _queue(open_server, _photos_prompt(open_server, str(outside / "dog"))["prompt"]))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+
+
 # --- the example workflows, queued over HTTP ---------------------------------------------------
 
 WORKFLOWS = REPO_ROOT / "tests" / "workflows"
@@ -287,7 +327,7 @@ def test_ui_workflows_say_what_their_api_copies_say(server, name):
 
 SMALL_TRAINING = {
     "1.ckpt_name": FULL_CHECKPOINT, "2.folder": "", "2.resolution": 64,
-    "3.num_class_images": 2, "3.steps": 2, "3.resolution": 64, "3.batch_size": 2, "3.preview_count": 2,
+    "3.num_class_images": 2, "3.steps": 2, "3.resolution": 64, "3.preview_count": 2,
     "4.steps": 2, "4.rank": 4, "4.alpha": 4.0, "4.save_every": 1, "4.validation_prompts": "",
     "5.steps": 2, "5.width": 64, "5.height": 64, "5.x": "unet-scale=0,1", "5.y": "guidance=4",
 }

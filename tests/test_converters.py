@@ -9,10 +9,20 @@ import torch
 from safetensors import safe_open
 
 from dreambooth_lora.cli import main
-from dreambooth_lora.converters import core as cv
+from dreambooth_lora.converters import keys
+from dreambooth_lora.converters.adapter import LoraFormatError
+from dreambooth_lora.converters.diffusers import save_peft
+from dreambooth_lora.converters.files import detect_family, load_adapter
+from dreambooth_lora.converters.kohya import save_kohya, to_kohya
+from dreambooth_lora.converters.metadata import data_sha256
+from dreambooth_lora.converters.peft import from_peft, inject, to_peft
+from dreambooth_lora.converters.structure import structure_of_base, unet_layout_of
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.fixtures.adapters import TEXT, UNET_ATTENTION, UNET_CONV, add_random_lora, peft_state
-from dreambooth_lora.models.core import load_base_model
+from dreambooth_lora.fixtures.adapters import TEXT, UNET_ATTENTION, UNET_CONV, add_random_lora
+from dreambooth_lora.models import families
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.runtime.files import confined_name
+from dreambooth_lora.runtime.peft import peft_state
 
 FAMILIES = {"sd1-tiny": "sd1", "sd2-tiny": "sd2", "sdxl-tiny": "sdxl"}
 
@@ -25,15 +35,15 @@ def _with_lora(path, use_rslora=False):
                                            rank_pattern={"conv1": 2}, alpha_pattern={"to_k": 3.0},
                                            use_rslora=use_rslora))}
     peft["unet"] = (peft_state(model.unet), peft["unet"][1])
-    for index, (component, encoder) in enumerate(zip(cv.COMPONENTS[model.family][1:], model.text_encoders)):
+    for index, (component, encoder) in enumerate(zip(families.family(model.family).components[1:], model.text_encoders)):
         config = add_random_lora(encoder, TEXT, 4, 8.0, 1 + index)
         peft[component] = (peft_state(encoder), config)
-    adapter = cv.from_peft(model.family, cv.unet_layout_of(model.unet.config), peft)
+    adapter = from_peft(model.family, unet_layout_of(model.unet.config), peft)
     return model, adapter, peft
 
 
 def _model_paths(model, component):
-    module = model.unet if component == "unet" else model.text_encoders[cv.COMPONENTS[model.family].index(component) - 1]
+    module = model.unet if component == "unet" else model.text_encoders[families.family(model.family).components.index(component) - 1]
     return {name for name, _ in module.named_modules()}
 
 
@@ -41,11 +51,11 @@ def _model_paths(model, component):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_peft_kohya_peft_round_trip_is_exact(tiny, tmp_path, name, use_rslora):
     model, adapter, peft = _with_lora(tiny[name], use_rslora)
-    path = cv.save_kohya(adapter, tmp_path / "lora.safetensors", dtype="fp32")
-    back = cv.load_adapter(path, cv.structure_of_base(model))
+    path = save_kohya(adapter, tmp_path / "lora.safetensors", dtype="fp32")
+    back = load_adapter(path, structure_of_base(model))
     assert back.modules.keys() == adapter.modules.keys()
     for component, (state, config) in peft.items():
-        round_state, round_config = cv.to_peft(back, component, _model_paths(model, component))
+        round_state, round_config = to_peft(back, component, _model_paths(model, component))
         assert round_state.keys() == state.keys(), component
         for key, tensor in state.items():
             assert torch.equal(round_state[key], tensor), key
@@ -60,7 +70,7 @@ def test_kohya_names_are_what_kohya_writes(tiny, tmp_path):
     names = {}
     for name in FAMILIES:
         _, adapter, _ = _with_lora(tiny[name])
-        path = cv.save_kohya(adapter, tmp_path / f"{name}.safetensors")
+        path = save_kohya(adapter, tmp_path / f"{name}.safetensors")
         with safe_open(str(path), "pt") as handle:
             names[name] = set(handle.keys())
             assert {str(handle.get_tensor(k).dtype) for k in handle.keys() if k.endswith(".alpha")} == {"torch.float32"}
@@ -88,7 +98,7 @@ def test_kohya_names_are_what_kohya_writes(tiny, tmp_path):
 ])
 def test_metadata_lets_a1111_classify_the_lora(tiny, tmp_path, name, base_version, v2, arch):
     _, adapter, _ = _with_lora(tiny[name])
-    path = cv.save_kohya(adapter, tmp_path / "x.safetensors", output_name="sks_dog_v1", trigger_phrase="sks dog",
+    path = save_kohya(adapter, tmp_path / "x.safetensors", output_name="sks_dog_v1", trigger_phrase="sks dog",
                          hyperparameters={"rank": 4, "steps": 800})
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
@@ -101,7 +111,7 @@ def test_metadata_lets_a1111_classify_the_lora(tiny, tmp_path, name, base_versio
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}  # most 3x3 convs: rank 4
     assert json.loads(meta["dreambooth_lora.hyperparameters"]) == {"rank": 4, "steps": 800}
     # the hash users compare covers the tensors only, as kohya's sshs_model_hash does
-    assert meta["sshs_model_hash"] == cv.data_sha256(tensors)
+    assert meta["sshs_model_hash"] == data_sha256(tensors)
     assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
     # A1111's detect_version(): "sdxl_" prefix → SDXL, ss_v2 == "True" → SD2, else SD1
     detected = "sdxl" if meta["ss_base_model_version"].startswith("sdxl_") else "sd2" if meta["ss_v2"] == "True" else "sd1"
@@ -111,12 +121,12 @@ def test_metadata_lets_a1111_classify_the_lora(tiny, tmp_path, name, base_versio
 @pytest.mark.parametrize("name", FAMILIES)
 def test_diffusers_file_keeps_alpha_and_rank(tiny, tmp_path, name):
     model, adapter, _ = _with_lora(tiny[name])
-    path = cv.save_peft(adapter, tmp_path / "peft.safetensors", dtype="fp32")
+    path = save_peft(adapter, tmp_path / "peft.safetensors", dtype="fp32")
     with safe_open(str(path), "pt") as handle:
         config = json.loads(handle.metadata()["lora_adapter_metadata"])
         assert all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in handle.keys())
     assert config["unet.lora_alpha"] == 2.0 and config["unet.r"] == 4
-    back = cv.load_adapter(path, cv.structure_of_base(model))
+    back = load_adapter(path, structure_of_base(model))
     assert back.modules.keys() == adapter.modules.keys()
     for key, module in adapter.modules.items():
         assert back.modules[key].scale == pytest.approx(module.scale, rel=1e-6), key
@@ -125,7 +135,7 @@ def test_diffusers_file_keeps_alpha_and_rank(tiny, tmp_path, name):
 
 def test_convert_cli_both_ways_and_lora_info(tiny, tmp_path, capsys):
     _, adapter, _ = _with_lora(tiny["sd1-tiny"])
-    kohya = cv.save_kohya(adapter, tmp_path / "a.safetensors", dtype="fp32", output_name="mine")
+    kohya = save_kohya(adapter, tmp_path / "a.safetensors", dtype="fp32", output_name="mine")
     base = str(tiny["sd1-tiny"])
     assert main(["convert", str(kohya), str(tmp_path / "b.safetensors"), "--to", "peft", "--base", base, "--dtype", "fp32"]) == 0
     assert main(["convert", str(tmp_path / "b.safetensors"), str(tmp_path / "c.safetensors"), "--base", base, "--dtype", "fp16"]) == 0
@@ -152,40 +162,40 @@ def test_family_is_read_from_real_sizes(tmp_path):
     from safetensors.torch import save_file
 
     save_file(lora, str(tmp_path / "sd2.safetensors"))
-    assert cv.detect_family(tmp_path / "sd2.safetensors") == "sd2"
+    assert detect_family(tmp_path / "sd2.safetensors") == "sd2"
 
 
 def test_lora_for_another_family_is_refused(tiny, tmp_path):
     _, xl_adapter, _ = _with_lora(tiny["sdxl-tiny"])
-    xl_file = cv.save_kohya(xl_adapter, tmp_path / "xl.safetensors")
+    xl_file = save_kohya(xl_adapter, tmp_path / "xl.safetensors")
     sd1 = load_base_model(tiny["sd1-tiny"])
-    with pytest.raises(cv.LoraFormatError, match=r"xl.safetensors: a LoRA for SDXL, but the base model is SD1.x; use it with a SDXL checkpoint"):
-        cv.load_adapter(xl_file, cv.structure_of_base(sd1))
+    with pytest.raises(LoraFormatError, match=r"xl.safetensors: a LoRA for SDXL, but the base model is SD1.x; use it with a SDXL checkpoint"):
+        load_adapter(xl_file, structure_of_base(sd1))
     _, sd2_adapter, _ = _with_lora(tiny["sd2-tiny"])
-    sd2_file = cv.save_kohya(sd2_adapter, tmp_path / "sd2.safetensors")
-    with pytest.raises(cv.LoraFormatError, match=r"sd2.safetensors: \d+ of 91 LoRA modules match no layer of the SD1.x base"):
-        cv.load_adapter(sd2_file, cv.structure_of_base(sd1))
+    sd2_file = save_kohya(sd2_adapter, tmp_path / "sd2.safetensors")
+    with pytest.raises(LoraFormatError, match=r"sd2.safetensors: \d+ of 91 LoRA modules match no layer of the SD1.x base"):
+        load_adapter(sd2_file, structure_of_base(sd1))
 
 
 @pytest.mark.parametrize("name", ["../escape.safetensors", "/tmp/abs.safetensors", "sub/dir.safetensors", "", ".."])
 def test_output_names_cannot_leave_the_folder(tmp_path, name):
     with pytest.raises(UserError, match="give a plain file name"):
-        cv.output_path_in(tmp_path, name)
-    assert cv.output_path_in(tmp_path, "ok.safetensors") == (tmp_path / "ok.safetensors").resolve()
+        confined_name(tmp_path, name)
+    assert confined_name(tmp_path, "ok.safetensors") == (tmp_path / "ok.safetensors").resolve()
 
 
 def test_bad_lora_files(tmp_path, tiny):
-    structure = cv.structure_of_base(load_base_model(tiny["sd1-tiny"]))
+    structure = structure_of_base(load_base_model(tiny["sd1-tiny"]))
     (tmp_path / "empty.safetensors").write_bytes(b"")
     (tmp_path / "notes.safetensors").write_text("not a model\n" * 10)
     (tmp_path / "old.pt").write_bytes(b"\x80\x02}q\x00.")
     cases = {"empty.safetensors": "the file is empty", "notes.safetensors": "not a readable safetensors file",
              "old.pt": "only .safetensors LoRA files are read", "missing.safetensors": "no such file"}
     for file, phrase in cases.items():
-        with pytest.raises(cv.LoraFormatError, match=phrase):
-            cv.load_adapter(tmp_path / file, structure)
-    with pytest.raises(cv.LoraFormatError, match="a full checkpoint, not a LoRA"):
-        cv.load_adapter(tiny["sd1-tiny"], structure)
+        with pytest.raises(LoraFormatError, match=phrase):
+            load_adapter(tmp_path / file, structure)
+    with pytest.raises(LoraFormatError, match="a full checkpoint, not a LoRA"):
+        load_adapter(tiny["sd1-tiny"], structure)
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, tiny, monkeypatch):
@@ -197,7 +207,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        cv.save_kohya(adapter, tmp_path / "lora.safetensors")
+        save_kohya(adapter, tmp_path / "lora.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -220,11 +230,11 @@ def with_adapter(path, algorithm):
     model = load_base_model(path)
     peft = {}
     modules = [("unet", model.unet, UNET_ATTENTION + UNET_CONV)] + [
-        (c, e, TEXT) for c, e in zip(cv.COMPONENTS[model.family][1:], model.text_encoders)]
+        (c, e, TEXT) for c, e in zip(families.family(model.family).components[1:], model.text_encoders)]
     for seed, (component, module, targets) in enumerate(modules):
         config = add_random_adapter(module, algorithm_config(algorithm, targets), seed)
         peft[component] = (peft_state(module), config)
-    adapter = cv.from_peft(model.family, cv.unet_layout_of(model.unet.config), peft)
+    adapter = from_peft(model.family, unet_layout_of(model.unet.config), peft)
     return model, adapter, peft, modules
 
 
@@ -232,14 +242,14 @@ def with_adapter(path, algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_round_trips(tiny, tmp_path, name, algorithm):
     model, adapter, peft, modules = with_adapter(tiny[name], algorithm)
-    path = cv.save_kohya(adapter, tmp_path / "x.safetensors", dtype="fp32")
-    back = cv.load_adapter(path, cv.structure_of_base(model))
+    path = save_kohya(adapter, tmp_path / "x.safetensors", dtype="fp32")
+    back = load_adapter(path, structure_of_base(model))
     assert back.modules.keys() == adapter.modules.keys()
     expected_algo = algorithm.split("-")[0].replace("dora", "lora")
     assert {m.algorithm for m in back.modules.values()} == {expected_algo}
     if algorithm not in REWRITTEN:  # tensors come back bit for bit
         for component, (state, _) in peft.items():
-            round_state, _ = cv.to_peft(back, component, _model_paths(model, component))
+            round_state, _ = to_peft(back, component, _model_paths(model, component))
             assert round_state.keys() == state.keys(), component
             for key, tensor in state.items():
                 assert torch.equal(round_state[key], tensor), key
@@ -248,7 +258,7 @@ def test_every_algorithm_round_trips(tiny, tmp_path, name, algorithm):
     # and every layer's delta equals PEFT's own get_delta_weight
     for component, module, _ in modules:
         for layer_path, layer in _peft_layers(module).items():
-            ours = back.modules[(component, cv.keys.canonical_path(component, layer_path))]
+            ours = back.modules[(component, keys.canonical_path(component, layer_path))]
             theirs = layer.get_delta_weight("default").detach().float()
             error = float((ours.delta(tuple(theirs.shape)) - theirs).norm() / theirs.norm())
             assert error < 1e-5, (layer_path, error)
@@ -257,7 +267,7 @@ def test_every_algorithm_round_trips(tiny, tmp_path, name, algorithm):
 def test_lycoris_metadata(tiny, tmp_path):
     for algorithm, module_name, args in [("loha", "lycoris.kohya", {"algo": "loha"}), ("dora", "networks.lora", {"dora_wd": "True"})]:
         _, adapter, _, _ = with_adapter(tiny["sd1-tiny"], algorithm)
-        path = cv.save_kohya(adapter, tmp_path / f"{algorithm}.safetensors")
+        path = save_kohya(adapter, tmp_path / f"{algorithm}.safetensors")
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata()
             if algorithm == "dora":
@@ -286,14 +296,14 @@ def test_reads_diffusers_save_lora_weights_with_its_adapter_metadata(tiny, tmp_p
     pipeline = StableDiffusionXLPipeline if model.family == "sdxl" else StableDiffusionPipeline
     pipeline.save_lora_weights(str(tmp_path), weight_name="diffusers.safetensors", **layers, **meta)
 
-    back = cv.load_adapter(tmp_path / "diffusers.safetensors", cv.structure_of_base(model))
+    back = load_adapter(tmp_path / "diffusers.safetensors", structure_of_base(model))
     assert back.modules.keys() == adapter.modules.keys()
     for key, module in adapter.modules.items():
         assert back.modules[key].scale == pytest.approx(module.scale, rel=1e-6), key  # 2/4, 3/4, 8/4: not 1
         assert torch.equal(back.modules[key].tensors["lora_up"], module.tensors["lora_up"]), key
     assert main(["convert", str(tmp_path / "diffusers.safetensors"), str(tmp_path / "k.safetensors"),
                  "--base", str(tiny[name]), "--dtype", "fp32"]) == 0
-    ours = cv.save_kohya(adapter, tmp_path / "ours.safetensors", dtype="fp32")
+    ours = save_kohya(adapter, tmp_path / "ours.safetensors", dtype="fp32")
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as a, safe_open(str(ours), "pt") as b:
         assert set(a.keys()) == set(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
@@ -306,18 +316,18 @@ def test_reads_sd1_files_with_ldm_names_and_te1_prefix(tiny, tmp_path):
 
     model, adapter, _ = _with_lora(tiny["sd1-tiny"])
     renamed = {}
-    for key, tensor in cv.to_kohya(adapter, torch.float32).items():
+    for key, tensor in to_kohya(adapter, torch.float32).items():
         module, _, rest = key.partition(".")
         for component, path in adapter.modules:
-            if cv.keys.kohya_name("sd1", component, path, adapter.unet_layout) == module:
+            if keys.kohya_name("sd1", component, path, adapter.unet_layout) == module:
                 if component == "unet":
-                    module = "lora_unet_" + cv.keys.ldm_module_path(path, adapter.unet_layout).replace(".", "_")
+                    module = "lora_unet_" + keys.ldm_module_path(path, adapter.unet_layout).replace(".", "_")
                 else:
                     module = module.replace("lora_te_", "lora_te1_")
         renamed[f"{module}.{rest}"] = tensor
     assert any(k.startswith("lora_unet_input_blocks_1_1_") for k in renamed)
     save_file(renamed, str(tmp_path / "ldm.safetensors"))
-    back = cv.load_adapter(tmp_path / "ldm.safetensors", cv.structure_of_base(model))
+    back = load_adapter(tmp_path / "ldm.safetensors", structure_of_base(model))
     assert back.modules.keys() == adapter.modules.keys()
     for key, module in adapter.modules.items():
         assert torch.equal(back.modules[key].tensors["lora_down"], module.tensors["lora_down"])
@@ -327,8 +337,8 @@ def test_inject_puts_the_same_lora_back_into_a_model(tiny):
     """An adapter read from a file, injected into a fresh base, computes what the original PEFT model did."""
     model, adapter, _ = _with_lora(tiny["sd1-tiny"])
     fresh = load_base_model(tiny["sd1-tiny"])
-    cv.inject(adapter, "unet", fresh.unet)
-    cv.inject(adapter, "text_encoder", fresh.text_encoders[0])
+    inject(adapter, "unet", fresh.unet)
+    inject(adapter, "text_encoder", fresh.text_encoders[0])
     generator = torch.Generator().manual_seed(0)
     latents, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
     ids = model.tokenizers[0]("a photo of sks dog", return_tensors="pt").input_ids
@@ -336,5 +346,5 @@ def test_inject_puts_the_same_lora_back_into_a_model(tiny):
         assert torch.allclose(model.unet(latents, 500, context).sample, fresh.unet(latents, 500, context).sample, atol=1e-6)
         assert torch.allclose(model.text_encoders[0](ids).last_hidden_state, fresh.text_encoders[0](ids).last_hidden_state, atol=1e-6)
     _, loha, _, _ = with_adapter(tiny["sd1-tiny"], "loha")
-    with pytest.raises(cv.LoraFormatError, match="applied by merging"):
-        cv.inject(loha, "unet", load_base_model(tiny["sd1-tiny"]).unet)
+    with pytest.raises(LoraFormatError, match="applied by merging"):
+        inject(loha, "unet", load_base_model(tiny["sd1-tiny"]).unet)

@@ -9,10 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lora.converters import core as cv
-from dreambooth_lora.fixtures.adapters import TEXT, UNET_ATTENTION, UNET_CONV, add_random_lora, peft_state
-from dreambooth_lora.models import layouts
-from dreambooth_lora.models.core import load_base_model
+from dreambooth_lora.converters import keys
+from dreambooth_lora.converters.kohya import save_kohya, to_kohya
+from dreambooth_lora.converters.peft import from_peft
+from dreambooth_lora.converters.structure import unet_layout_of
+from dreambooth_lora.fixtures.adapters import TEXT, UNET_ATTENTION, UNET_CONV, add_random_lora
+from dreambooth_lora.models import families, layouts
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.runtime.peft import peft_state
 
 CLIP_NAMES = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}  # ComfyUI's text-encoder names
 
@@ -43,22 +47,22 @@ def test_every_exported_key_is_one_comfyui_maps(comfy, tiny, name):
     key_map = _comfy_key_maps(model, tiny[name])  # of the plain model, before PEFT wraps its layers
     peft = {"unet": (None, add_random_lora(model.unet, UNET_ATTENTION + UNET_CONV, 4, 4.0, 0))}
     peft["unet"] = (peft_state(model.unet), peft["unet"][1])
-    for component, encoder in zip(cv.COMPONENTS[model.family][1:], model.text_encoders):
+    for component, encoder in zip(families.family(model.family).components[1:], model.text_encoders):
         config = add_random_lora(encoder, TEXT, 4, 4.0, 1)
         peft[component] = (peft_state(encoder), config)
-    adapter = cv.from_peft(model.family, cv.unet_layout_of(model.unet.config), peft)
-    exported = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in cv.to_kohya(adapter)}
+    adapter = from_peft(model.family, unet_layout_of(model.unet.config), peft)
+    exported = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in to_kohya(adapter)}
     missing = sorted(exported - key_map.keys())
     assert not missing, f"{len(missing)} of {len(exported)} not mapped by ComfyUI, e.g. {missing[:3]}"
     # and each lands on the module we meant
     for module in adapter.modules.values():
-        name_ = cv.keys.kohya_name(model.family, module.component, module.path, adapter.unet_layout)
+        name_ = keys.kohya_name(model.family, module.component, module.path, adapter.unet_layout)
         if module.component == "unet":
             expected = layouts.unet_key_to_ldm(module.path + ".weight", model.unet.config.layers_per_block,
                                                [t.startswith("CrossAttn") for t in model.unet.config.up_block_types])
             assert key_map[name_] == "diffusion_model." + expected[len(layouts.UNET_PREFIX):], name_
         else:
-            clip = CLIP_NAMES[model.family][cv.COMPONENTS[model.family].index(module.component) - 1]
+            clip = CLIP_NAMES[model.family][families.family(model.family).components.index(module.component) - 1]
             assert key_map[name_] == f"{clip}.transformer.text_model.{module.path}.weight", name_
 
 
@@ -77,7 +81,7 @@ def full_size(comfy, sd15_full):
     model = load_base_model(sd15_full, dtype="fp32")
     unet_config = add_random_lora(model.unet, UNET_ATTENTION + UNET_CONV, 8, 4.0, 0)
     text_config = add_random_lora(model.text_encoders[0], TEXT, 8, 8.0, 1)
-    adapter = cv.from_peft("sd1", cv.unet_layout_of(model.unet.config),
+    adapter = from_peft("sd1", unet_layout_of(model.unet.config),
                            {"unet": (peft_state(model.unet), unet_config),
                             "text_encoder": (peft_state(model.text_encoders[0]), text_config)})
     return model, adapter
@@ -90,7 +94,7 @@ def test_comfyui_loads_every_key_and_matches_peft(full_size, sd15_full, tmp_path
     import comfy.utils
 
     model, adapter = full_size
-    path = cv.save_kohya(adapter, tmp_path / "lora.safetensors", dtype="fp32")
+    path = save_kohya(adapter, tmp_path / "lora.safetensors", dtype="fp32")
     # The comparison is in fp32, as the issue asks. On CPU, ComfyUI keeps CLIP weights in
     # fp16 and rounds the patched weights to it (measured: 2e-4 relative per weight, 6e-4 on
     # the output); asking for an fp32 text encoder removes that rounding.
@@ -158,24 +162,24 @@ def test_comfyui_patches_each_layer_like_peft(comfy, tiny, name, algorithm):
     clean = load_base_model(tiny[name])
     key_map = _comfy_key_maps(clean, tiny[name])
     clean_weights = {}
-    for component, module in zip(cv.COMPONENTS[clean.family], [clean.unet, *clean.text_encoders]):
+    for component, module in zip(families.family(clean.family).components, [clean.unet, *clean.text_encoders]):
         for path, child in module.named_modules():
             if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
-                clean_weights[(component, cv.keys.canonical_path(component, path))] = child.weight.detach()
+                clean_weights[(component, keys.canonical_path(component, path))] = child.weight.detach()
 
     model = load_base_model(tiny[name])
     peft, layers = {}, {}
     modules = [("unet", model.unet, UNET_ATTENTION + UNET_CONV)] + [
         (c, e, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
-        for c, e in zip(cv.COMPONENTS[model.family][1:], model.text_encoders)]
+        for c, e in zip(families.family(model.family).components[1:], model.text_encoders)]
     for seed, (component, module, targets) in enumerate(modules):
         config = add_random_adapter(module, algorithm_config(algorithm, targets), seed)
         peft[component] = (peft_state(module), config)
         for path, layer in module.named_modules():
             if isinstance(layer, BaseTunerLayer):
-                layers[(component, cv.keys.canonical_path(component, path))] = layer
-    adapter = cv.from_peft(model.family, cv.unet_layout_of(model.unet.config), peft)
-    tensors = cv.to_kohya(adapter, torch.float32)
+                layers[(component, keys.canonical_path(component, path))] = layer
+    adapter = from_peft(model.family, unet_layout_of(model.unet.config), peft)
+    tensors = to_kohya(adapter, torch.float32)
 
     records = _Records()
     logging.getLogger().addHandler(records)
@@ -183,7 +187,7 @@ def test_comfyui_patches_each_layer_like_peft(comfy, tiny, name, algorithm):
         patches = comfy.lora.load_lora(tensors, key_map)
         errors = {}
         for key, module in adapter.modules.items():
-            target = key_map[cv.keys.kohya_name(model.family, module.component, module.path, adapter.unet_layout)]
+            target = key_map[keys.kohya_name(model.family, module.component, module.path, adapter.unet_layout)]
             base = clean_weights[key].float()
             theirs = comfy.lora.calculate_weight([(1.0, patches[target], 1.0, None, None)], base.clone(), target)
             layer = layers[key]

@@ -7,9 +7,13 @@ import warnings
 import pytest
 import torch
 
-from dreambooth_lora.converters import core as cv
-from dreambooth_lora.fixtures.adapters import TEXT, UNET_ATTENTION, UNET_CONV, add_random_lora, peft_state
-from dreambooth_lora.models.core import load_base_model
+from dreambooth_lora.converters.kohya import save_kohya
+from dreambooth_lora.converters.peft import from_peft
+from dreambooth_lora.converters.structure import unet_layout_of
+from dreambooth_lora.fixtures.adapters import TEXT, UNET_ATTENTION, UNET_CONV, add_random_lora
+from dreambooth_lora.models import families
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.runtime.peft import peft_state
 
 
 def _pipeline(base):
@@ -35,13 +39,13 @@ def test_diffusers_load_lora_weights_matches_peft(tiny, tmp_path, name, mixed):
     unet_patterns = {"rank_pattern": {"conv1": 2}, "alpha_pattern": {"to_k": 3.0}} if mixed else {}
     peft = {"unet": (None, add_random_lora(ours.unet, UNET_ATTENTION + UNET_CONV, 4, 2.0, 0, **unet_patterns))}
     peft["unet"] = (peft_state(ours.unet), peft["unet"][1])
-    for index, (component, encoder) in enumerate(zip(cv.COMPONENTS[ours.family][1:], ours.text_encoders)):
+    for index, (component, encoder) in enumerate(zip(families.family(ours.family).components[1:], ours.text_encoders)):
         config = add_random_lora(encoder, TEXT, 4, 8.0, 1 + index, alpha_pattern={"fc1": 2.0} if mixed else None)
         peft[component] = (peft_state(encoder), config)
-    adapter = cv.from_peft(ours.family, cv.unet_layout_of(ours.unet.config), peft)
+    adapter = from_peft(ours.family, unet_layout_of(ours.unet.config), peft)
     # Per-module alphas must be baked for diffusers 0.42, which applies them wrongly otherwise
     # (measured on sd1-tiny: UNet 4.4e-3, text encoder 6.0e-2 relative error).
-    path = cv.save_kohya(adapter, tmp_path / "lora.safetensors", dtype="fp32", bake_alpha=mixed)
+    path = save_kohya(adapter, tmp_path / "lora.safetensors", dtype="fp32", bake_alpha=mixed)
 
     pipe = _pipeline(load_base_model(tiny[name]))
     with warnings.catch_warnings():

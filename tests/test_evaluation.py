@@ -149,14 +149,15 @@ def test_eval_command_and_clear_errors(evaluators, tmp_path, capsys):
 def test_best_scores_every_checkpoint_and_recommends_one(evaluators, tmp_path, capsys):
     from dreambooth_lora.cli import main
     from dreambooth_lora.fixtures.checkpoints import fixture_path
-    from dreambooth_lora.trainer import core
+    from dreambooth_lora.trainer.job import TrainJob
+    from dreambooth_lora.trainer.loop import train
 
     photos = write_images(tmp_path / "photos", [(200, 10, 10), (190, 30, 20), (210, 20, 30)])
-    job = core.TrainJob(base=str(fixture_path("sd1-tiny")), output=str(tmp_path / "sks.safetensors"),
-                        instance_dir=str(photos), options={"resolution": 64, "steps": 4, "save_every": 2, "rank": 4,
-                                                           "alpha": 4, "prior_preservation": "off",
-                                                           "learning_rate": 1e-3})
-    result = core.train(job)
+    job = TrainJob(base=str(fixture_path("sd1-tiny")), output=str(tmp_path / "sks.safetensors"),
+                   instance_dir=str(photos), options={"resolution": 64, "steps": 4, "save_every": 2, "rank": 4,
+                                                      "alpha": 4, "prior_preservation": "off",
+                                                      "learning_rate": 1e-3})
+    result = train(job)
     capsys.readouterr()  # the training's own output
     assert main(["best", "--base", str(fixture_path("sd1-tiny")), "--state", str(result.state_dir), "--real",
                  str(photos), "--dino", str(evaluators / "dino"), "--clip", str(evaluators / "clip"),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dreambooth_lora.cli import main
-from dreambooth_lora.models import core, layouts
+from dreambooth_lora.models import layouts
+from dreambooth_lora.models.load import load_base_model
 
 # Parameter counts of the real runwayml/stable-diffusion-v1-5 components.
 SD15_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
@@ -29,7 +30,7 @@ def both_loaded(comfy, sd15_full):
     import comfy.sd
 
     theirs = comfy.sd.load_checkpoint_guess_config(str(sd15_full), output_vae=True, output_clip=True)
-    ours = core.load_base_model(sd15_full, dtype="fp16")
+    ours = load_base_model(sd15_full, dtype="fp16")
     return ours, theirs
 
 

@@ -11,7 +11,7 @@ from english_words import get_english_words_set
 
 from dreambooth_lora.cli import main
 from dreambooth_lora.identifiers import core
-from dreambooth_lora.models.core import load_base_model, make_tokenizer
+from dreambooth_lora.models.load import load_base_model, make_tokenizer
 
 # Independent of the bundled list: wordfreq's 50,000 most frequent English words and the
 # web2 dictionary, as the installed packages ship them.

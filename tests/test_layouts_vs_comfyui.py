@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lora.models import core, layouts
+from dreambooth_lora.models import layouts
+from dreambooth_lora.models.load import load_base_model
 
 FAMILIES = {"sd1-tiny": "sd1", "sd2-tiny": "sd2", "sdxl-tiny": "sdxl"}
 
@@ -23,7 +24,7 @@ def test_unet_key_map_equals_comfyui(comfy, tiny, name):
     file_state = load_file(str(tiny[name]))
     comfy_config = comfy.model_detection.detect_unet_config(file_state, layouts.UNET_PREFIX)
     comfy_map = comfy.utils.unet_to_diffusers(comfy_config)  # diffusers key → LDM key (no prefix)
-    model = core.load_base_model(tiny[name])
+    model = load_base_model(tiny[name])
     ours = layouts.unet_key_map(model.unet.state_dict().keys(), model.info.unet_config)
     assert len(ours) > 100
     for diffusers_key, ldm_key in ours.items():
@@ -38,7 +39,7 @@ def test_vae_layout_equals_comfyui(comfy, tiny, name):
     import comfy.diffusers_convert
 
     file_state = load_file(str(tiny[name]))
-    model = core.load_base_model(tiny[name])
+    model = load_base_model(tiny[name])
     converted = comfy.diffusers_convert.convert_vae_state_dict(model.vae.state_dict())  # → LDM, no prefix
     file_vae = {k[len(layouts.VAE_PREFIX):]: v for k, v in file_state.items() if k.startswith(layouts.VAE_PREFIX)}
     assert converted.keys() == file_vae.keys()

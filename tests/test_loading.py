@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from dreambooth_lora.fixtures import checkpoints as fx
-from dreambooth_lora.models import core
+from dreambooth_lora.models.inspect import inspect
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.models.save import save_diffusers_folder
 
 EXPECTED = {  # fixture → (family, prediction type, native resolution)
     "sd1-tiny": ("sd1", "epsilon", 512),
@@ -20,7 +22,7 @@ EXPECTED = {  # fixture → (family, prediction type, native resolution)
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_detects_family_prediction_and_resolution(tiny, name):
-    info = core.inspect(tiny[name])
+    info = inspect(tiny[name])
     assert (info.family, info.prediction_type, info.resolution) == EXPECTED[name]
     assert info.variant == "standard"
     assert not info.matches_reference_sizes  # tiny widths are reported as non-standard
@@ -32,7 +34,7 @@ def test_loaded_weights_are_exactly_the_written_ones(tiny, name):
     """Writer (diffusers → single file) and loader (single file → diffusers) are inverse."""
     family = EXPECTED[name][0]
     expected = fx.build_state_dicts(family, tiny=True, seed=0)
-    model = core.load_base_model(tiny[name], dtype="fp32")
+    model = load_base_model(tiny[name], dtype="fp32")
     loaded = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict()}
     for spec, encoder in zip(model.info.text_encoders, model.text_encoders):
         loaded[spec.name] = encoder.state_dict()
@@ -53,7 +55,7 @@ def test_loaded_weights_are_exactly_the_written_ones(tiny, name):
 def test_derived_configs_match_the_builders(tiny, name):
     family = EXPECTED[name][0]
     unet_cfg, vae_cfg, texts = fx.component_configs(family, tiny=True)
-    model = core.load_base_model(tiny[name])
+    model = load_base_model(tiny[name])
     for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
                 "cross_attention_dim", "attention_head_dim"):
         assert model.unet.config[key] == (list(unet_cfg[key]) if isinstance(unet_cfg[key], list) else unet_cfg[key]), key
@@ -72,7 +74,7 @@ def test_derived_configs_match_the_builders(tiny, name):
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_loaded_model_runs_a_denoising_step(tiny, name):
-    model = core.load_base_model(tiny[name])
+    model = load_base_model(tiny[name])
     tokens = [tok("a photo of sks dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
               for tok in model.tokenizers]
     with torch.no_grad():
@@ -90,8 +92,8 @@ def test_loaded_model_runs_a_denoising_step(tiny, name):
 
 
 def test_tokenizer_is_the_real_clip_vocabulary(tiny):
-    sd1 = core.load_base_model(tiny["sd1-tiny"])
-    sd2 = core.load_base_model(tiny["sd2-tiny"])
+    sd1 = load_base_model(tiny["sd1-tiny"])
+    sd2 = load_base_model(tiny["sd2-tiny"])
     ids = sd1.tokenizers[0]("a photo of sks dog").input_ids
     assert ids == [49406, 320, 1125, 539, 48136, 1929, 49407]  # ids of the public CLIP BPE
     assert sd2.tokenizers[0]("a photo of sks dog").input_ids == ids
@@ -103,7 +105,7 @@ def test_tokenizer_is_the_real_clip_vocabulary(tiny):
 @pytest.mark.parametrize("dtype,expected", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32),
                                             ("auto", torch.float32)])
 def test_dtype_is_selectable(tiny, dtype, expected):
-    model = core.load_base_model(tiny["sdxl-tiny"], dtype=dtype)
+    model = load_base_model(tiny["sdxl-tiny"], dtype=dtype)
     for module in (model.unet, model.vae, *model.text_encoders):
         assert {p.dtype for p in module.parameters()} == {expected}
 
@@ -111,18 +113,18 @@ def test_dtype_is_selectable(tiny, dtype, expected):
 @pytest.mark.parametrize("marker,evidence", [("key", "v_pred"), ("metadata", "modelspec"), ("stats", "statistics")])
 def test_v_prediction_markers(tmp_path, marker, evidence):
     path = fx.build_checkpoint(tmp_path / f"{marker}.safetensors", "sd2", prediction_type="v_prediction", v_marker=marker)
-    info = core.inspect(path)
+    info = inspect(path)
     assert info.prediction_type == "v_prediction" and evidence in info.prediction_evidence
     assert info.resolution == 768
-    assert core.load_base_model(path).unet.config.upcast_attention is True
+    assert load_base_model(path).unet.config.upcast_attention is True
     # the user can always override what the file suggests
-    overridden = core.inspect(path, prediction_type="epsilon")
+    overridden = inspect(path, prediction_type="epsilon")
     assert overridden.prediction_type == "epsilon" and overridden.resolution == 512
 
 
 def test_sdxl_v_pred_key(tmp_path):
     path = fx.build_checkpoint(tmp_path / "xl-v.safetensors", "sdxl", prediction_type="v_prediction", v_marker="key")
-    assert core.inspect(path).prediction_type == "v_prediction"
+    assert inspect(path).prediction_type == "v_prediction"
 
 
 def test_ckpt_pickle_loads_like_safetensors(tiny, tmp_path):
@@ -131,8 +133,8 @@ def test_ckpt_pickle_loads_like_safetensors(tiny, tmp_path):
     tensors = load_file(str(tiny["sd1-tiny"]))
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": tensors, "global_step": 470000}, ckpt)  # the layout of real .ckpt files
-    a = core.load_base_model(tiny["sd1-tiny"])
-    b = core.load_base_model(ckpt)
+    a = load_base_model(tiny["sd1-tiny"])
+    b = load_base_model(ckpt)
     assert b.info.file_format == "pickle"
     for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()):
         assert torch.equal(x, y)
@@ -140,9 +142,9 @@ def test_ckpt_pickle_loads_like_safetensors(tiny, tmp_path):
 
 @pytest.mark.parametrize("name", ["sd1-tiny", "sdxl-tiny"])
 def test_diffusers_folder_round_trip(tiny, tmp_path, name):
-    model = core.load_base_model(tiny[name])
-    folder = core.save_diffusers_folder(model, tmp_path / "folder")
-    again = core.load_base_model(folder)
+    model = load_base_model(tiny[name])
+    folder = save_diffusers_folder(model, tmp_path / "folder")
+    again = load_base_model(folder)
     assert again.info.source == "diffusers-folder" and again.family == model.family
     assert again.info.param_counts == model.info.param_counts
     for a, b in [(model.unet, again.unet), (model.vae, again.vae), *zip(model.text_encoders, again.text_encoders)]:
@@ -160,7 +162,7 @@ def test_loading_never_touches_the_network(tiny, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     for path in tiny.values():
-        core.load_base_model(path)
+        load_base_model(path)
 
 
 def test_old_sd1_text_encoder_layout_without_text_model_level(tiny, tmp_path):
@@ -173,6 +175,6 @@ def test_old_sd1_text_encoder_layout_without_text_model_level(tiny, tmp_path):
     assert not any(k.startswith(prefix + "text_model.") for k in tensors)
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old))
-    a = core.load_base_model(tiny["sd1-tiny"]).text_encoders[0].state_dict()
-    b = core.load_base_model(old).text_encoders[0].state_dict()
+    a = load_base_model(tiny["sd1-tiny"]).text_encoders[0].state_dict()
+    b = load_base_model(old).text_encoders[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

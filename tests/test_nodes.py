@@ -18,12 +18,14 @@ def comfy_dirs(comfy, tmp_path, tiny):
 
     saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("checkpoints", "loras", "embeddings")}
     saved_output, saved_temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    saved_input = folder_paths.get_input_directory()
     for kind in ("checkpoints", "loras", "embeddings"):
         (tmp_path / kind).mkdir()
         folder_paths.folder_names_and_paths[kind] = ([str(tmp_path / kind)], {".safetensors"})
     shutil.copyfile(tiny["sd1-tiny"], tmp_path / "checkpoints" / "tiny.safetensors")
     folder_paths.set_output_directory(str(tmp_path / "output"))
     folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    folder_paths.set_input_directory(str(tmp_path / "input"))
     if hasattr(folder_paths, "filename_list_cache"):
         folder_paths.filename_list_cache.clear()
     yield tmp_path
@@ -31,6 +33,7 @@ def comfy_dirs(comfy, tmp_path, tiny):
         folder_paths.folder_names_and_paths[kind] = value
     folder_paths.set_output_directory(saved_output)
     folder_paths.set_temp_directory(saved_temp)
+    folder_paths.set_input_directory(saved_input)
     if hasattr(folder_paths, "filename_list_cache"):
         folder_paths.filename_list_cache.clear()
 
@@ -106,8 +109,8 @@ def test_base_photos_train_sample_grid(comfy_dirs):
     assert (comfy_dirs / "loras" / saved).read_bytes() == (
         comfy_dirs / "output" / "dreambooth_lora" / "sks_dog.state" / "step-000002" / "lora.safetensors").read_bytes()
     # a changed photo folder is a different input for ComfyUI's cache; an unchanged one is not
-    folder = comfy_dirs / "photos"
-    folder.mkdir()
+    folder = comfy_dirs / "input" / "photos"
+    folder.mkdir(parents=True)
     (folder / "a.png").write_bytes(b"1")
     first = InstanceImages.fingerprint_inputs(folder=str(folder))
     assert InstanceImages.fingerprint_inputs(folder=str(folder)) == first
@@ -175,13 +178,14 @@ def test_cancel_stops_training_keeps_a_checkpoint_and_queueing_again_resumes(com
 
 
 def test_base_model_from_a_diffusers_folder(comfy_dirs, tiny):
-    from dreambooth_lora.models.core import load_base_model, save_diffusers_folder
+    from dreambooth_lora.models.load import load_base_model
+    from dreambooth_lora.models.save import save_diffusers_folder
     from dreambooth_lora.nodes.data import LoadBaseModel
     from dreambooth_lora.nodes.sampling import LoRASampler
 
-    folder = save_diffusers_folder(load_base_model(tiny["sd1-tiny"]), comfy_dirs / "diffusers_model")
+    folder = save_diffusers_folder(load_base_model(tiny["sd1-tiny"]), comfy_dirs / "checkpoints" / "diffusers_model")
     assert "model_index.json" in LoadBaseModel.validate_inputs(ckpt_name="x", dtype="auto", prediction_type="auto",
-                                                               diffusers_folder=str(comfy_dirs))
+                                                               diffusers_folder=str(comfy_dirs / "checkpoints"))
     base = run(LoadBaseModel, ckpt_name="tiny.safetensors", dtype="auto", prediction_type="auto",
                diffusers_folder=str(folder)).args[0]
     assert base["path"] == str(folder)
@@ -202,11 +206,35 @@ def test_identifier_and_evaluate_nodes(comfy_dirs):
     dino = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                                         num_attention_heads=2, image_size=32, patch_size=8),
                                  add_pooling_layer=False)
-    dino.save_pretrained(comfy_dirs / "dino")
+    dino.save_pretrained(comfy_dirs / "checkpoints" / "dino")
     rng = np.random.default_rng(2)
     generated = torch.from_numpy(rng.random((3, 48, 48, 3)).astype(np.float32))
     real = torch.from_numpy(rng.random((2, 40, 56, 3)).astype(np.float32))
     report = run(Evaluate, **defaults(Evaluate, generated=generated, real=real, prompt="a sks dog",
-                                      dino=str(comfy_dirs / "dino"))).args[0]
+                                      dino=str(comfy_dirs / "checkpoints" / "dino"))).args[0]
     assert report.splitlines()[0].split() == ["metric", "value", "real", "images"]
     assert report.splitlines()[1].startswith("DINO")
+
+
+def test_path_inputs_stay_inside_comfyuis_folders_unless_the_operator_allows_any(comfy_dirs, monkeypatch):
+    from dreambooth_lora.nodes.data import InstanceImages, LoadBaseModel
+    from dreambooth_lora.nodes.sampling import Evaluate
+
+    (comfy_dirs / "input" / "my_dog").mkdir(parents=True)
+    outside = comfy_dirs / "elsewhere"
+    outside.mkdir()
+    (comfy_dirs / "input" / "sneaky").symlink_to(outside)  # a link out of input/ is outside too
+    monkeypatch.delenv("DBLORA_ALLOW_ANY_PATH", raising=False)
+    for value in ("/etc", "../../", str(outside), "sneaky", "my_dog/../../elsewhere"):
+        problem = InstanceImages.validate_inputs(folder=value)
+        assert problem is not True and "outside ComfyUI's input, output and models folders" in problem, value
+        assert "DBLORA_ALLOW_ANY_PATH=1" in problem
+        assert "outside" in LoadBaseModel.validate_inputs(ckpt_name="tiny.safetensors", dtype="auto",
+                                                          prediction_type="auto", diffusers_folder=value)
+        assert "outside" in Evaluate.validate_inputs(dino=value, clip="")
+        assert InstanceImages.fingerprint_inputs(folder=value) == ""  # not even listed
+    assert InstanceImages.validate_inputs(folder="my_dog") is True  # relative names are under input/
+    assert InstanceImages.validate_inputs(folder=str(comfy_dirs / "input" / "my_dog")) is True
+    assert InstanceImages.validate_inputs(folder=str(comfy_dirs / "output")) is True
+    monkeypatch.setenv("DBLORA_ALLOW_ANY_PATH", "1")  # the server's operator, not the workflow
+    assert InstanceImages.validate_inputs(folder="/etc") is True

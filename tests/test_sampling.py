@@ -10,12 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_lora.converters import core as cv
+from dreambooth_lora.converters.kohya import save_kohya
+from dreambooth_lora.converters.peft import from_peft
+from dreambooth_lora.converters.structure import unet_layout_of
 from dreambooth_lora.errors import UserError
-from dreambooth_lora.fixtures.adapters import add_random_lora, peft_state, random_lora_file
-from dreambooth_lora.models.core import load_base_model
-from dreambooth_lora.sampling import core as sampling
-from dreambooth_lora.sampling.core import LoraChoice, SampleSettings, SamplingSession
+from dreambooth_lora.fixtures.adapters import add_random_lora, random_lora_file
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.runtime.parameters import png_parameters, read_parameters
+from dreambooth_lora.runtime.peft import peft_state
+from dreambooth_lora.runtime.text import encode_base_prompt
+from dreambooth_lora.sampling.grid import make_grid, parse_axis, with_axis
+from dreambooth_lora.sampling.patch import LoraChoice, LoraPatcher, parse_lora
+from dreambooth_lora.sampling.session import SamplingSession
+from dreambooth_lora.sampling.settings import SampleSettings, parameters_text, settings_from_parameters
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +36,12 @@ def pixels(samples) -> np.ndarray:
 
 
 def test_parse_lora():
-    assert sampling.parse_lora("a/b.safetensors") == LoraChoice("a/b.safetensors", 1.0, 1.0)
-    assert sampling.parse_lora("a/b.safetensors:0.5") == LoraChoice("a/b.safetensors", 0.5, 0.5)
-    assert sampling.parse_lora("a/b.safetensors:0.8:0") == LoraChoice("a/b.safetensors", 0.8, 0.0)
-    assert sampling.parse_lora("C:/x/b.safetensors:1:0.25") == LoraChoice("C:/x/b.safetensors", 1.0, 0.25)
+    assert parse_lora("a/b.safetensors") == LoraChoice("a/b.safetensors", 1.0, 1.0)
+    assert parse_lora("a/b.safetensors:0.5") == LoraChoice("a/b.safetensors", 0.5, 0.5)
+    assert parse_lora("a/b.safetensors:0.8:0") == LoraChoice("a/b.safetensors", 0.8, 0.0)
+    assert parse_lora("C:/x/b.safetensors:1:0.25") == LoraChoice("C:/x/b.safetensors", 1.0, 0.25)
     with pytest.raises(UserError, match="FILE\\[:UNET_SCALE\\[:TE_SCALE\\]\\]"):
-        sampling.parse_lora(":1")
+        parse_lora(":1")
 
 
 def test_same_seed_same_image_and_scales_change_without_reloading(sd1):
@@ -62,7 +69,7 @@ def test_same_seed_same_image_and_scales_change_without_reloading(sd1):
 def test_unet_and_text_encoder_scales_act_separately(sd1):
     base_path, lora = sd1
     base = load_base_model(base_path)
-    patcher = sampling.LoraPatcher(base)
+    patcher = LoraPatcher(base)
     unet_weight = base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
     text_weight = next(m for n, m in base.text_encoders[0].named_modules()
                        if n.endswith("layers.0.self_attn.q_proj")).weight  # with or without "text_model."
@@ -83,13 +90,13 @@ def test_dora_is_patched_as_peft_merges_it(tiny, tmp_path):
     base_path = tiny["sd1-tiny"]
     model = load_base_model(base_path)
     config = add_random_lora(model.unet, ["to_q"], 4, 2.0, 5, use_dora=True)
-    adapter = cv.from_peft("sd1", cv.unet_layout_of(model.unet.config), {"unet": (peft_state(model.unet), config)})
-    path = cv.save_kohya(adapter, tmp_path / "dora.safetensors", dtype="fp32")
+    adapter = from_peft("sd1", unet_layout_of(model.unet.config), {"unet": (peft_state(model.unet), config)})
+    path = save_kohya(adapter, tmp_path / "dora.safetensors", dtype="fp32")
     layer = model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     layer.merge()
     merged = layer.base_layer.weight.detach().clone()
     base = load_base_model(base_path)
-    sampling.LoraPatcher(base).apply([LoraChoice(str(path))])
+    LoraPatcher(base).apply([LoraChoice(str(path))])
     ours = base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
     assert torch.allclose(ours, merged, atol=1e-5), float((ours - merged).abs().max())
 
@@ -97,12 +104,12 @@ def test_dora_is_patched_as_peft_merges_it(tiny, tmp_path):
 def test_long_prompts_are_encoded_in_75_token_windows(tiny):
     base = load_base_model(tiny["sd1-tiny"])
     words = " ".join(["red"] * 100)  # 100 tokens: two windows
-    hidden, pooled = sampling.encode_prompt(base, words)
+    hidden, pooled = encode_base_prompt(base, words)
     assert hidden.shape[1] == 2 * 77 and pooled is None
-    first, _ = sampling.encode_prompt(base, " ".join(["red"] * 75))
+    first, _ = encode_base_prompt(base, " ".join(["red"] * 75))
     assert torch.equal(hidden[:, :77], first)
     # a short prompt is the usual single window, as the trainer and diffusers encode it
-    short, _ = sampling.encode_prompt(base, "a photo of sks dog")
+    short, _ = encode_base_prompt(base, "a photo of sks dog")
     ids = base.tokenizers[0]("a photo of sks dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(short, base.text_encoders[0](ids)[0])
@@ -110,7 +117,7 @@ def test_long_prompts_are_encoded_in_75_token_windows(tiny):
     session = SamplingSession(base, tiny["sd1-tiny"])
     session.sample(SampleSettings(prompt=words, negative="blurry", steps=2, width=64, height=64))
     xl = load_base_model(tiny["sdxl-tiny"])
-    hidden, pooled = sampling.encode_prompt(xl, words)
+    hidden, pooled = encode_base_prompt(xl, words)
     assert hidden.shape[1] == 154 and pooled.shape[0] == 1
 
 
@@ -119,35 +126,35 @@ def test_grid_cells_recreate_bit_identically_from_their_png(sd1, tmp_path):
     session = SamplingSession(load_base_model(base_path), base_path)
     settings = SampleSettings(prompt="a photo of sks dog, detailed", negative="blurry", seed=11, steps=3, width=64,
                               height=64, sampler="dpmpp_2m", loras=[LoraChoice(str(lora), 1.0, 0.7)])
-    result = sampling.make_grid(session, settings, sampling.parse_axis("unet-scale=0,0.5,1"),
-                                sampling.parse_axis("guidance=3,5,7"), tmp_path / "grid.png")
+    result = make_grid(session, settings, parse_axis("unet-scale=0,0.5,1"),
+                                parse_axis("guidance=3,5,7"), tmp_path / "grid.png")
     grid = Image.open(result.path)
     assert len(result.cells) == 3 and all(len(row) == 3 for row in result.cells)
     assert grid.width > 3 * 64 and grid.height > 3 * 64  # cells plus label margins
     fresh = SamplingSession(load_base_model(base_path), base_path)
     for row, guidance in enumerate([3.0, 5.0, 7.0]):
         for column, scale in enumerate([0.0, 0.5, 1.0]):
-            text = sampling.png_parameters(result.cells[row][column])
-            again = sampling.settings_from_parameters(text, [lora.parent])
+            text = png_parameters(result.cells[row][column])
+            again = settings_from_parameters(text, [lora.parent])
             assert again.guidance == guidance and again.loras[0].unet_scale == scale
             assert again.loras[0].te_scale == 0.7 and again.sampler == "dpmpp_2m" and again.negative == "blurry"
             remade = fresh.sample(again)[0]
             assert np.array_equal(np.asarray(remade.image), np.asarray(Image.open(result.cells[row][column])))
     with pytest.raises(UserError, match="exists; choose another --out or pass --overwrite"):
-        sampling.make_grid(session, settings, ("seed", ["1"]), ("steps", ["2"]), tmp_path / "grid.png")
+        make_grid(session, settings, ("seed", ["1"]), ("steps", ["2"]), tmp_path / "grid.png")
 
 
 def test_parameters_text_is_a1111s(sd1):
     settings = SampleSettings(prompt="a sks dog", negative="ugly", seed=5, steps=20, guidance=7.0, sampler="euler_a",
                               loras=[LoraChoice("x/subject.safetensors", 1.0, 0.5)])
-    text = sampling.parameters_text(settings, 5, 512, 512, "model", "abc", {"subject": "0123456789ab"})
+    text = parameters_text(settings, 5, 512, 512, "model", "abc", {"subject": "0123456789ab"})
     assert text.splitlines()[0] == "a sks dog <lora:subject:te=0.5:unet=1>"
     assert text.splitlines()[1] == "Negative prompt: ugly"
     assert text.splitlines()[2].startswith("Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512")
-    parsed = sampling.read_parameters(text)
+    parsed = read_parameters(text)
     assert parsed["prompt"] == "a sks dog" and parsed["loras"] == [("subject", 1.0, 0.5)]
     # A1111's positional form: <lora:name:te:unet>, one number = both
-    assert sampling.read_parameters("x <lora:a:0.3> <lora:b:0.2:0.9>\nSteps: 1")["loras"] == [("a", 0.3, 0.3),
+    assert read_parameters("x <lora:a:0.3> <lora:b:0.2:0.9>\nSteps: 1")["loras"] == [("a", 0.3, 0.3),
                                                                                           ("b", 0.9, 0.2)]
 
 
@@ -196,14 +203,14 @@ def test_grid_over_training_steps_and_recreating_a_step_by_hash(sd1, tmp_path):
     session = SamplingSession(load_base_model(base_path), base_path)
     settings = SampleSettings(prompt="a sks dog", seed=1, steps=2, width=64, height=64,
                               loras=[LoraChoice(str(tmp_path / "sks.safetensors"), 1.0, 1.0)])
-    result = sampling.make_grid(session, settings, sampling.parse_axis("step=2,4"), sampling.parse_axis("seed=1"),
+    result = make_grid(session, settings, parse_axis("step=2,4"), parse_axis("seed=1"),
                                 tmp_path / "steps.png")
     cells = result.cells[0]
     assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))
-    text = sampling.png_parameters(cells[1])
+    text = png_parameters(cells[1])
     assert "<lora:sks-step-000004:" in text
-    again = sampling.settings_from_parameters(text, [tmp_path])  # found by its hash below tmp_path
+    again = settings_from_parameters(text, [tmp_path])  # found by its hash below tmp_path
     assert Path(again.loras[0].path) == state / "step-000004" / "lora.safetensors"
     assert np.array_equal(np.asarray(session.sample(again)[0].image), np.asarray(Image.open(cells[1])))
     with pytest.raises(UserError, match="has no checkpoint for step 6"):
-        sampling.with_axis(settings, "step", "6")
+        with_axis(settings, "step", "6")

@@ -25,7 +25,7 @@ def judge():
 
 @pytest.fixture(scope="module")
 def base():
-    from dreambooth_lora.models.core import load_base_model
+    from dreambooth_lora.models.load import load_base_model
 
     return load_base_model(core.base_path(), dtype="fp32")
 

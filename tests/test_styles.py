@@ -34,8 +34,11 @@ from safetensors.torch import load_file
 
 from dreambooth_lora.errors import UserError
 from dreambooth_lora.fixtures.checkpoints import fixture_path
-from dreambooth_lora.models.core import load_base_model
-from dreambooth_lora.trainer import core
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.trainer import step as trainer_step
+from dreambooth_lora.trainer.job import TrainingStopped, TrainJob, caption_maker, resolve_settings
+from dreambooth_lora.trainer.loop import train
+from dreambooth_lora.trainer.options import STYLE_METHODS, TrainSettings
 
 CLI = [sys.executable, "-m", "dreambooth_lora.cli"]
 STYLE_CAPTIONS = ["a red square on a dark field", "a red block, off centre", "a wide red shape", "red on black"]
@@ -53,12 +56,12 @@ def make_style_set(folder: Path, count: int = 4) -> Path:
     return folder
 
 
-def style_job(tmp_path: Path, name: str, fixture="sd1-tiny", base=None, **options) -> core.TrainJob:
+def style_job(tmp_path: Path, name: str, fixture="sd1-tiny", base=None, **options) -> TrainJob:
     values = {"resolution": 64, "steps": 6, "rank": 4, "alpha": 4, "save_every": 0, "learning_rate": 1e-3,
               "seed": 5, "mode": "style", "new_tokens": 2, "token_init": "painting", "token_lr": 1e-2}
     values.update(options)
     path = fixture if isinstance(fixture, Path) else fixture_path(fixture)
-    return core.TrainJob(base=str(path), output=str(tmp_path / f"{name}.safetensors"),
+    return TrainJob(base=str(path), output=str(tmp_path / f"{name}.safetensors"),
                          instance_dir=str(make_style_set(tmp_path / "style")), options=values, base_model=base)
 
 
@@ -80,10 +83,10 @@ def model_state(base) -> dict[str, torch.Tensor]:
 def test_textual_inversion_changes_only_the_new_rows(tmp_path):
     base = load_base_model(fixture_path("sd1-tiny"))
     before = model_state(base)
-    from dreambooth_lora.trainer.tokens import initial_vectors, token_embedding
+    from dreambooth_lora.runtime.tokens import initial_vectors, token_embedding
 
     start = initial_vectors(base.tokenizers[0], base.text_encoders[0], 2, "painting", torch.Generator())
-    result = core.train(style_job(tmp_path, "ti", base=base, train_unet=False))
+    result = train(style_job(tmp_path, "ti", base=base, train_unet=False))
     after = model_state(base)
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -105,7 +108,7 @@ def test_pivotal_tuning_trains_both_and_resumes_exactly(tmp_path):
     """Tokens + UNet/TE LoRA; the tokens stop at half the steps; a stop before that point and a
     resume give the uninterrupted run's LoRA, tokens and loss log bit for bit."""
     options = dict(steps=8, train_text_encoder=True, token_steps_fraction=0.5, save_every=2, keep_checkpoints=0)
-    whole = core.train(style_job(tmp_path, "whole", **options))
+    whole = train(style_job(tmp_path, "whole", **options))
     state = whole.state_dir
     tokens = {s: load_file(str(state / f"step-{s:06d}" / "adapter_tokens.safetensors"))["text_encoder"]
               for s in (2, 4, 8)}
@@ -125,11 +128,11 @@ def test_pivotal_tuning_trains_both_and_resumes_exactly(tmp_path):
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)  # nothing bundled by default
 
     calls = []
-    with pytest.raises(core.TrainingStopped, match="stopped at step 3"):
-        core.train(style_job(tmp_path, "cut", **options), should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    with pytest.raises(TrainingStopped, match="stopped at step 3"):
+        train(style_job(tmp_path, "cut", **options), should_stop=lambda: calls.append(1) or len(calls) >= 3)
     job = style_job(tmp_path, "cut", **options)
     job.resume = str(tmp_path / "cut.state")
-    resumed = core.train(job)
+    resumed = train(job)
     for name in ("adapter_unet", "adapter_text_encoder", "adapter_tokens"):
         a = load_file(str(state / "adapter" / f"{name}.safetensors"))
         b = load_file(str(resumed.state_dir / "adapter" / f"{name}.safetensors"))
@@ -139,10 +142,10 @@ def test_pivotal_tuning_trains_both_and_resumes_exactly(tmp_path):
 
 
 def test_the_three_style_methods_train_on_the_same_budget(tmp_path):
-    """core.STYLE_METHODS: what a benchmark merges into the same options to compare them."""
+    """STYLE_METHODS: what a benchmark merges into the same options to compare them."""
     outputs = {}
-    for method, options in core.STYLE_METHODS.items():
-        result = core.train(style_job(tmp_path, method, steps=2, **{"new_tokens": 0, **options}))
+    for method, options in STYLE_METHODS.items():
+        result = train(style_job(tmp_path, method, steps=2, **{"new_tokens": 0, **options}))
         assert len(result.log) == 2
         outputs[method] = (result.lora is not None, result.embedding is not None)
     assert outputs == {"lora": (True, False), "textual_inversion": (False, True), "pivotal": (True, True)}
@@ -150,29 +153,29 @@ def test_the_three_style_methods_train_on_the_same_budget(tmp_path):
 
 def test_captions_go_through_the_template(tmp_path, monkeypatch):
     seen = set()
-    real = core.encode_text
+    real = trainer_step.encode_text
 
     def spy(family, tokenizers, encoders, captions, device):
         seen.update(captions)
         return real(family, tokenizers, encoders, captions, device)
 
-    monkeypatch.setattr(core, "encode_text", spy)
-    core.train(style_job(tmp_path, "tpl", steps=4, train_unet=False))  # one epoch
+    monkeypatch.setattr(trainer_step, "encode_text", spy)
+    train(style_job(tmp_path, "tpl", steps=4, train_unet=False))  # one epoch
     assert seen == {f"{c}, in the style of <s1><s2>" for c in STYLE_CAPTIONS}
-    options = core.resolve_options(core.ALL_OPTIONS.values({"mode": "subject", "new_tokens": 2}))
-    assert options["prior_preservation"] == "class_images"
-    assert core.caption_maker(options)("a photo of sks dog") == "a photo of <s1><s2> dog"
-    style = core.resolve_options(core.ALL_OPTIONS.values({"mode": "style", "caption_template": "{tokens} art, {caption}"}))
-    assert style["prior_preservation"] == "off" and core.caption_maker(style)("a cat") == "sks art, a cat"
+    settings = resolve_settings(TrainSettings.of({"mode": "subject", "new_tokens": 2}))
+    assert settings.prior_preservation == "class_images"
+    assert caption_maker(settings)("a photo of sks dog") == "a photo of <s1><s2> dog"
+    style = resolve_settings({"mode": "style", "caption_template": "{tokens} art, {caption}"})
+    assert style.prior_preservation == "off" and caption_maker(style)("a cat") == "sks art, a cat"
 
 
 def test_bad_token_setups_get_clear_errors(tmp_path):
     with pytest.raises(UserError, match=r"nothing to train: --no-train-unet .* needs --new-tokens"):
-        core.train(style_job(tmp_path, "none", new_tokens=0, train_unet=False))
+        train(style_job(tmp_path, "none", new_tokens=0, train_unet=False))
     with pytest.raises(UserError, match=r"no caption contains the new tokens <s1><s2>: put \{tokens\}"):
-        core.train(style_job(tmp_path, "nocap", caption_template="{caption}"))
+        train(style_job(tmp_path, "nocap", caption_template="{caption}"))
     with pytest.raises(UserError, match=r"--token-steps-fraction below 1 with textual inversion alone"):
-        core.train(style_job(tmp_path, "frac", train_unet=False, token_steps_fraction=0.5))
+        train(style_job(tmp_path, "frac", train_unet=False, token_steps_fraction=0.5))
 
 
 # --- files: A1111 by structure --------------------------------------------------------
@@ -216,7 +219,7 @@ def test_embedding_and_bundle_have_a1111s_structure(tmp_path, fixture, keys, wid
     """SD1/SD2: one [N, dim] tensor (A1111 width = the encoder's); SDXL: clip_l and clip_g (width =
     their sum, what A1111 compares with the model's 768 + 1280). Bundled in the LoRA: the keys
     A1111's networks.py regroups into the same dicts. Sizes here are the tiny models' (32 per encoder)."""
-    result = core.train(style_job(tmp_path, "a1", fixture=fixture, steps=2, new_tokens=3, bundle_embeddings=True,
+    result = train(style_job(tmp_path, "a1", fixture=fixture, steps=2, new_tokens=3, bundle_embeddings=True,
                                   train_text_encoder=fixture == "sdxl-tiny"))
     data = load_file(str(result.embedding))
     assert sorted(data) == keys and all(v.dtype == torch.float32 and v.shape == (3, 32) for v in data.values())
@@ -232,10 +235,11 @@ def test_embedding_and_bundle_have_a1111s_structure(tmp_path, fixture, keys, wid
         assert torch.equal(bundles["a1_emb"]["clip_l"], data["clip_l"]) and \
             torch.equal(bundles["a1_emb"]["clip_g"], data["clip_g"])
     # our own loaders read the bundled LoRA: the layers, and the embedding from its keys
-    from dreambooth_lora.converters import core as converters
     from dreambooth_lora.converters.embeddings import read_embedding
+    from dreambooth_lora.converters.files import load_adapter
+    from dreambooth_lora.converters.structure import structure_of_checkpoint
 
-    converters.load_adapter(result.output, converters.structure_of_checkpoint(fixture_path(fixture)))
+    load_adapter(result.output, structure_of_checkpoint(fixture_path(fixture)))
     family = {"sd1-tiny": "sd1", "sd2-tiny": "sd2", "sdxl-tiny": "sdxl"}[fixture]
     again = read_embedding(result.output, family, [32] * len(keys))
     assert all(torch.equal(a, b) for a, b in zip(again.vectors, read_embedding(result.embedding, family,
@@ -246,12 +250,14 @@ def test_embedding_and_bundle_have_a1111s_structure(tmp_path, fixture, keys, wid
 
 
 def test_sampler_reads_every_prompt_syntax_and_records_a1111_parameters(tmp_path):
-    from dreambooth_lora.sampling import core as sampling
+    from dreambooth_lora.runtime.text import encode_base_prompt
+    from dreambooth_lora.sampling.session import SamplingSession
+    from dreambooth_lora.sampling.settings import SampleSettings, settings_from_parameters
 
     base = load_base_model(fixture_path("sd1-tiny"))
-    result = core.train(style_job(tmp_path, "sm", base=base, steps=3, train_unet=False))
-    trained, _ = sampling.encode_prompt(base, "a car in the style of <s1><s2>")  # the training's own model
-    session = sampling.SamplingSession(load_base_model(fixture_path("sd1-tiny")), fixture_path("sd1-tiny"))
+    result = train(style_job(tmp_path, "sm", base=base, steps=3, train_unet=False))
+    trained, _ = encode_base_prompt(base, "a car in the style of <s1><s2>")  # the training's own model
+    session = SamplingSession(load_base_model(fixture_path("sd1-tiny")), fixture_path("sd1-tiny"))
     plain, _ = session.encode("a car in the style of <s1><s2>")  # nothing loaded yet: just BPE pieces
     session.load_embedding(result.embedding)
     for prompt in ("a car in the style of <s1><s2>", "a car in the style of embedding:sm",
@@ -259,14 +265,14 @@ def test_sampler_reads_every_prompt_syntax_and_records_a1111_parameters(tmp_path
         ours, _ = session.encode(prompt)
         assert torch.equal(ours, trained), prompt
     assert not torch.allclose(plain, trained, atol=1e-3)
-    settings = sampling.SampleSettings(prompt="a car in the style of embedding:sm", steps=2, width=64, height=64,
-                                       embeddings=[str(result.embedding)])
+    settings = SampleSettings(prompt="a car in the style of embedding:sm", steps=2, width=64, height=64,
+                              embeddings=[str(result.embedding)])
     sample = session.sample(settings)[0]
     assert sample.parameters.startswith("a car in the style of sm\n")  # A1111's own syntax
     assert f'TI hashes: "sm: {session.lora_hash(result.embedding)}"' in sample.parameters
-    again = sampling.settings_from_parameters(sample.parameters, [], [tmp_path])
+    again = settings_from_parameters(sample.parameters, [], [tmp_path])
     assert again.embeddings == [str(result.embedding)]
-    fresh = sampling.SamplingSession(load_base_model(fixture_path("sd1-tiny")), fixture_path("sd1-tiny"))
+    fresh = SamplingSession(load_base_model(fixture_path("sd1-tiny")), fixture_path("sd1-tiny"))
     assert np.array_equal(fresh.sample(again)[0].pixels, sample.pixels)
 
 

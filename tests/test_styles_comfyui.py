@@ -20,9 +20,12 @@ import torch
 from dreambooth_lora.fixtures import checkpoints
 from dreambooth_lora.fixtures.checkpoints import fixture_path
 from dreambooth_lora.models import layouts
-from dreambooth_lora.models.core import load_base_model
-from dreambooth_lora.sampling import core as sampling
-from dreambooth_lora.trainer import core
+from dreambooth_lora.models.load import load_base_model
+from dreambooth_lora.runtime.peft import adapters_disabled
+from dreambooth_lora.runtime.text import encode_base_prompt
+from dreambooth_lora.sampling.patch import LoraChoice
+from dreambooth_lora.sampling.session import SamplingSession
+from dreambooth_lora.trainer.loop import train
 
 from test_styles import style_job
 
@@ -82,7 +85,7 @@ def test_embedding_and_lora_in_comfyui_match_our_pipeline(comfy, tmp_path, sdxl_
     base = load_base_model(checkpoint)
     job = style_job(tmp_path, "pivot", fixture=checkpoint, base=base, steps=4, train_text_encoder=True,
                     text_encoder_lr=5e-3, new_tokens=2)
-    result = core.train(job)
+    result = train(job)
     embeddings = tmp_path / "embeddings"
     embeddings.mkdir()
     shutil.copy(result.embedding, embeddings / "mystyle.safetensors")  # ComfyUI's name is the file name
@@ -93,7 +96,7 @@ def test_embedding_and_lora_in_comfyui_match_our_pipeline(comfy, tmp_path, sdxl_
     folder_paths.add_model_folder_path("loras", str(loras))
 
     clip = comfy_clip(family, checkpoint, embeddings, layers)
-    session = sampling.SamplingSession(load_base_model(checkpoint), checkpoint)
+    session = SamplingSession(load_base_model(checkpoint), checkpoint)
     session.load_embedding(result.embedding)
     ours_text = PROMPT.format("<s1><s2>")
     theirs_text = PROMPT.format("embedding:mystyle")
@@ -112,8 +115,8 @@ def test_embedding_and_lora_in_comfyui_match_our_pipeline(comfy, tmp_path, sdxl_
         # 1. the embedding alone: ComfyUI vs the training's own model (its TE LoRA switched off)
         #    and vs our sampler that loaded the file
         theirs = _encode_comfyui(clip, theirs_text)
-        with core.adapters_disabled(*base.text_encoders):
-            trained = sampling.encode_prompt(base, ours_text)
+        with adapters_disabled(*base.text_encoders):
+            trained = encode_base_prompt(base, ours_text)
         compare("embedding, training model", trained, theirs)
         with_tokens = compare("embedding, sampler", session.encode(ours_text), theirs)
         without, _ = session.encode(PROMPT.format("painting"))  # the tokens' starting word: they moved away
@@ -122,6 +125,6 @@ def test_embedding_and_lora_in_comfyui_match_our_pipeline(comfy, tmp_path, sdxl_
         _, lora_clip = nodes.LoraLoader().load_lora(None, clip, lora_name, 1.0, 1.0)  # no UNet here: its keys
         # are reported as not loaded; the text-encoder keys all patch CLIP
         theirs_lora = _encode_comfyui(lora_clip, theirs_text)
-        session.patcher.apply([sampling.LoraChoice(str(result.output), 1.0, 1.0)])
+        session.patcher.apply([LoraChoice(str(result.output), 1.0, 1.0)])
         full = compare("embedding + LoRA", session.encode(ours_text), theirs_lora)
         assert float((full - with_tokens).abs().max()) > 100 * TOLERANCE  # the TE LoRA matters

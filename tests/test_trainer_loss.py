@@ -67,8 +67,11 @@ def test_trainer_forward_builds_that_loss(fixture, tmp_path):
     computation written out with the model, on a fixed batch of 1 instance + 1 class row."""
     from dreambooth_lora.data.core import load_batch
     from dreambooth_lora.fixtures.checkpoints import fixture_path
-    from dreambooth_lora.models.core import load_base_model
-    from dreambooth_lora.trainer import core
+    from dreambooth_lora.models.load import load_base_model
+    from dreambooth_lora.runtime.text import encode_text
+    from dreambooth_lora.trainer.batches import LatentSource, micro_batch_rows
+    from dreambooth_lora.trainer.job import resolve_settings
+    from dreambooth_lora.trainer.step import JointForward
 
     base = load_base_model(fixture_path(fixture))
     expected_type = "v_prediction" if fixture == "sd2v-tiny" else "epsilon"
@@ -76,20 +79,21 @@ def test_trainer_forward_builds_that_loss(fixture, tmp_path):
     pictures = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
     instances = load_batch(pictures[:1], None, "a photo of sks dog", resolution=64)
     classes = load_batch(pictures[1:], None, "a photo of a dog", resolution=64)
-    options = core.ALL_OPTIONS.values({"prior_weight": 0.5, "seed": 1, "resolution": 64})
-    source = core.LatentSource(base.vae, torch.device("cpu"), cache=True)
-    rows = core._rows(instances, classes, "class_images", options, 0, 1, random.Random(0), source)
+    settings = resolve_settings({"prior_weight": 0.5, "seed": 1, "resolution": 64})
+    assert settings.prior_preservation == "class_images"
+    source = LatentSource(base.vae, torch.device("cpu"), cache=True)
+    rows = micro_batch_rows(instances, classes, settings, 0, 1, random.Random(0), source)
     assert [r["prior"] for r in rows] == [False, True] and rows[1]["caption"] == "a photo of a dog"
 
     def embed(texts, te_training, base_only=False):
         with torch.no_grad():
-            return core.encode_text(base.family, base.tokenizers, base.text_encoders, texts, torch.device("cpu"))
+            return encode_text(base.family, base.tokenizers, base.text_encoders, texts, torch.device("cpu"))
 
     abar = base.noise_scheduler.alphas_cumprod
     with torch.no_grad():
-        parts = core._forward(rows, options, base.family, expected_type, base.unet, base.unet, base.text_encoders,
-                              embed, False, torch.Generator().manual_seed(11), base.noise_scheduler, abar,
-                              torch.device("cpu"), torch.float32)
+        forward = JointForward(base.family, expected_type, base.unet, base.unet, base.text_encoders,
+                               base.noise_scheduler, abar, torch.device("cpu"), torch.float32)
+        parts = forward.loss(rows, settings, embed, False, torch.Generator().manual_seed(11))
         generator = torch.Generator().manual_seed(11)
         latents = torch.stack([r["latents"] for r in rows])
         noise = torch.randn(latents.shape, generator=generator)

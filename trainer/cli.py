@@ -14,7 +14,7 @@ import sys
 from ..converters.options import SAVE_OPTIONS
 from ..models.options import PREDICTION_TYPE
 from ..options import OptionSet
-from .core import ALL_OPTIONS
+from .options import ALL_OPTIONS
 
 LOAD = OptionSet(PREDICTION_TYPE)
 
@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--embedding-output", metavar="FILE", help="With --new-tokens: where the learned embedding "
                         "goes (A1111/ComfyUI embeddings format; its file name is the prompt name, embedding:NAME in "
                         "ComfyUI). Default '<output stem>_emb.safetensors'; textual inversion alone writes it to --output.")
-    parser.add_argument("--resume", metavar="DIR", help="Continue from '<output>.state' (its newest checkpoint) or "
-                                                        "one step-N folder in it.")
+    parser.add_argument("--resume", metavar="DIR|auto", help="Continue from '<output>.state' (its newest checkpoint) "
+                        "or one step-N folder in it. 'auto': continue --output's own run if its settings match, do "
+                        "nothing if that run is complete, else start afresh (its old state folder is replaced).")
     ALL_OPTIONS.add_to_parser(parser)
     LOAD.add_to_parser(parser)
     SAVE_OPTIONS["overwrite"].add_to_parser(parser)
@@ -44,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .core import TrainJob, TrainingStopped, train
+    from .job import TrainJob, TrainingStopped
+    from .loop import train
 
     stop_requested = []
 
@@ -59,10 +61,13 @@ def run(args: argparse.Namespace) -> int:
                    instance_dir=args.instance_dir, class_dir=args.class_dir, resume=args.resume,
                    overwrite=args.overwrite, load_options=LOAD.values(args), embedding_output=args.embedding_output)
     try:
-        train(job, should_stop=lambda: bool(stop_requested))
+        result = train(job, should_stop=lambda: bool(stop_requested))
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+    if result.already_done:
+        print(f"{result.output}: already trained with these settings ({result.steps_done} steps); nothing to do "
+              "(raise --steps to train on).")
     return 0

@@ -5,7 +5,7 @@ are the subject, the rest are the class (class images, or the instance latents u
 class prompt when the frozen base model supplies the target). Every weighting is applied per
 sample *before* the split, with the sample's own timestep: diffusers' SDXL script applies
 min-SNR weights computed from the whole batch's timesteps to the instance half only, which is
-wrong for batch > 1 (trainer-survey §1.9).
+wrong for batch > 1.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Options for DreamBooth LoRA training: defined once here, derived into the CLI, the node and
-the LoRA file's ``ss_*`` metadata."""
+"""Options for DreamBooth LoRA training: defined once here, derived into the CLI, the node, the
+LoRA file's ``ss_*`` metadata and the typed view the trainer reads (``TrainSettings``)."""
 
+from ..data.options import DATA_OPTIONS, PROMPT_OPTIONS
 from ..options import Option, OptionSet
 from ..priors.options import PRIOR_OPTIONS
 
@@ -12,7 +13,7 @@ DEFAULT_TEMPLATES = {"subject": "{caption}", "style": "{caption}, in the style o
 TRAIN_OPTIONS = OptionSet(
     # --- length and learning rates
     Option("steps", 500, "Optimizer steps to train. 3-20 photos usually need 400-1500 at LR 1e-4.", min=1,
-           max=1_000_000, metadata_key="ss_max_train_steps"),
+           max=1_000_000, metadata_key="ss_max_train_steps", node_default=1000),
     Option("learning_rate", 1e-4, "Learning rate of the UNet adapter (1e-4 is the usual LoRA value).", min=0.0,
            max=1.0, step=1e-5, metadata_key="ss_unet_lr"),
     Option("batch_size", 1, "Instance images per step (with prior preservation, as many class images join them "
@@ -116,3 +117,17 @@ TRAIN_OPTIONS = OptionSet(
 
 # The class-image settings the trainer exposes; generation details keep their PRIOR_OPTIONS defaults.
 CLASS_OPTIONS = OptionSet(PRIOR_OPTIONS["class_prompt"], PRIOR_OPTIONS["num_class_images"])
+
+# Everything a training run reads: the trainer's own options, the dataset's and the class images'.
+ALL_OPTIONS = TRAIN_OPTIONS + DATA_OPTIONS + PROMPT_OPTIONS + CLASS_OPTIONS
+# The typed view of ALL_OPTIONS the trainer works with (``TrainSettings.of(mapping)``).
+TrainSettings = ALL_OPTIONS.typed("TrainSettings")
+
+# The three ways to learn a style, as option sets to merge into TrainJob.options (same data, steps,
+# seed and everything else): a LoRA bound to the identifier, textual inversion alone, pivotal
+# tuning (new tokens + LoRA). E.g. {**common, **STYLE_METHODS["pivotal"]}.
+STYLE_METHODS = {
+    "lora": {"mode": "style", "new_tokens": 0, "train_unet": True},
+    "textual_inversion": {"mode": "style", "new_tokens": 2, "train_unet": False, "train_text_encoder": False},
+    "pivotal": {"mode": "style", "new_tokens": 2, "train_unet": True},
+}

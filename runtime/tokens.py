@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
 
 def token_names(count: int) -> list[str]:
     return [f"<s{i + 1}>" for i in range(count)]
@@ -93,8 +95,6 @@ def initial_vectors(tokenizer, encoder, count: int, init_word: str, generator: t
     """[count, dim] starting vectors: the embeddings of ``init_word``'s tokens (vector i takes
     token i·len/count, as A1111 initialises), or, without a word, random vectors with the
     spread of the existing embedding table."""
-    from ..errors import UserError
-
     table = token_embedding(encoder).base.weight.detach().float().cpu()
     if init_word.strip():
         ids = tokenizer(init_word.strip(), add_special_tokens=False).input_ids
