@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))
 def main() -> int:
     from dreambooth_lora.models.load import load_base_model
     from dreambooth_lora.identifiers.core import propose
-    from dreambooth_lora.sampling.core import SamplingSession
+    from dreambooth_lora.sampling.session import SamplingSession
     from dreambooth_lora.shapes import core, world
     from dreambooth_lora.shapes.judge import Judge
     from dreambooth_lora.shapes.options import DEMO_OPTIONS

@@ -34,7 +34,9 @@ def main() -> int:
     import torch
 
     from dreambooth_lora.models.load import load_base_model
-    from dreambooth_lora.sampling.core import LoraChoice, SampleSettings, SamplingSession
+    from dreambooth_lora.sampling.patch import LoraChoice
+    from dreambooth_lora.sampling.session import SamplingSession
+    from dreambooth_lora.sampling.settings import SampleSettings
     from dreambooth_lora.shapes import core, world
     from dreambooth_lora.shapes.judge import Judge
     from dreambooth_lora.trainer.job import TrainJob

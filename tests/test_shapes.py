@@ -77,7 +77,8 @@ def test_judge_tells_looks_and_backgrounds_apart(judge):
 def test_base_follows_class_and_colour_prompts(base, judge):
     """Every class × colour once (48 prompts, a random background each): the judge must see
     the class and the colour asked for far above chance (1/6, 1/8)."""
-    from dreambooth_lora.sampling.core import SampleSettings, SamplingSession
+    from dreambooth_lora.sampling.session import SamplingSession
+    from dreambooth_lora.sampling.settings import SampleSettings
 
     session = SamplingSession(base, core.base_path())
     rng = random.Random(5)

@@ -152,7 +152,8 @@ def test_two_ddp_ranks_reach_the_same_weights_and_write_once(tmp_path):
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert [p.name for p in list_checkpoints(tmp_path / "ddp.state")] == ["step-000003", "step-000006"]
     assert (tmp_path / "ddp.safetensors").exists()
-    assert not list(tmp_path.glob("*.tmp")) and not list((tmp_path / "ddp.state").glob(".*"))
+    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in (tmp_path / "ddp.state").glob(".*")] == [".lock"]  # free: its owner file is gone
     record = json.loads((tmp_path / "ddp.state" / "step-000006" / "trainer.json").read_text())
     assert record["world_size"] == 2
     # the digest printed is the digest of what was written
