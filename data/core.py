@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
+from . import masks as masking
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
@@ -41,6 +42,7 @@ class InstanceImage:
     target_size: tuple[int, int]  # (width, height) it is cropped to for training
     original_size: tuple[int, int]  # (width, height) as stored, before rotation
     notes: list[str] = field(default_factory=list)
+    mask: Image.Image | None = None  # "L" at the size of ``image`` (255 = subject), or None: every pixel counts
 
     def crop_box(self, rng: random.Random | None) -> tuple[int, int, int, int]:
         """The training window: centred, or random when ``rng`` is given."""
@@ -59,6 +61,7 @@ class InstanceDataset:
     crop: str = "center"
     flip: bool = False
     repeats: int = 1
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (source, what): usable, but probably not meant
 
     def __len__(self) -> int:
         return len(self.images) * self.repeats
@@ -217,7 +220,15 @@ def _finish(items: list[InstanceImage], skipped: list[tuple[str, str]], where: s
         reasons = "; ".join(f"{Path(s).name}: {why}" for s, why in skipped[:3])
         raise DatasetError(f"{where}: no usable image" + (f" ({reasons})" if reasons else "") +
                            f"; add photos of the subject ({', '.join(IMAGE_SUFFIXES)}).")
-    return InstanceDataset(items, skipped, options["resolution"], options["crop"], options["flip"], options["repeats"])
+    warnings = []
+    for item in items:
+        if item.mask is not None:
+            note, warning = masking.describe(item.mask)
+            item.notes.append(note)
+            if warning:
+                warnings.append((item.source, warning))
+    return InstanceDataset(items, skipped, options["resolution"], options["crop"], options["flip"], options["repeats"],
+                           warnings)
 
 
 def load_folder(folder: str | Path, instance_prompt: str, identifier: str = "", class_word: str = "",
@@ -232,7 +243,8 @@ def load_folder(folder: str | Path, instance_prompt: str, identifier: str = "", 
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such folder; point --instance-dir at the folder with the subject's photos.")
     pattern = "**/*" if options["recursive"] else "*"
-    files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not masking.is_mask_file(p))
     return _load_paths(files, instance_prompt, identifier, class_word, options, str(folder))
 
 
@@ -254,18 +266,36 @@ def _load_paths(files: Sequence[Path], instance_prompt: str, identifier: str, cl
             skipped.append((str(path), str(err)))
             continue
         original = raw.size
+        mask = _file_mask(path, raw, options["mask_source"])
         rgb, notes = to_rgb(raw, options["background"])
         target = _targets(rgb.size, options["resolution"], options["buckets"])
         fitted, fit_notes = fit(rgb, target)
         caption = fill_caption(sidecar_caption(path) or instance_prompt, identifier, class_word)
-        items.append(InstanceImage(str(path), caption, fitted, target, original, notes + fit_notes))
+        items.append(InstanceImage(str(path), caption, fitted, target, original, notes + fit_notes,
+                                   None if mask is None else masking.fit_mask(mask, fitted.size)))
     return _finish(items, skipped, where, options)
 
 
+def _file_mask(path: Path, raw: Image.Image, mode: str) -> Image.Image | None:
+    """A photo's loss mask at its upright size: the ``<name>.mask.png`` beside it (auto, alpha),
+    else its transparency (alpha); None with masks off or nothing found."""
+    if mode == "off":
+        return None
+    orientation = raw.getexif().get(0x0112, 1)
+    upright_size = raw.size[::-1] if orientation in (5, 6, 7, 8) else raw.size
+    sidecar = masking.sidecar_mask(path, IMAGE_SUFFIXES)
+    if sidecar is not None:
+        return masking.read_sidecar(sidecar, path, raw.size, orientation, upright_size)
+    if mode == "alpha":
+        return masking.alpha_mask(ImageOps.exif_transpose(raw))
+    return None
+
+
 def load_batch(images: np.ndarray | Iterable, captions: Sequence[str] | None, instance_prompt: str,
-               identifier: str = "", class_word: str = "", **options) -> InstanceDataset:
+               identifier: str = "", class_word: str = "", masks=None, **options) -> InstanceDataset:
     """Images already in memory, as ComfyUI's IMAGE holds them: (B, H, W, C) floats in [0, 1]
-    (C = 3 or 4), or a list of PIL images."""
+    (C = 3 or 4), or a list of PIL images. ``masks``: ComfyUI's MASK, (B, H, W) or (H, W) floats,
+    1 = subject, one per image (or one for all); with C = 4 and ``mask_source="alpha"`` the alpha is the mask."""
     from .options import DATA_OPTIONS
 
     options = DATA_OPTIONS.values(options)
@@ -273,6 +303,14 @@ def load_batch(images: np.ndarray | Iterable, captions: Sequence[str] | None, in
         images = images.detach().cpu().numpy()
     items, skipped = [], []
     images = list(images)
+    if masks is not None:
+        masks = masks.detach().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks)
+        masks = list(masks[None] if masks.ndim == 2 else masks)
+        if len(masks) == 1 and len(images) > 1:
+            masks = masks * len(images)
+        if len(masks) != len(images):
+            raise UserError(f"masks: {len(masks)} masks for {len(images)} images; connect one mask per image "
+                            "(or a single mask for all).")
     for index, picture in enumerate(images):
         source = f"image {index + 1} of {len(images)}"
         if not isinstance(picture, Image.Image):
@@ -282,12 +320,17 @@ def load_batch(images: np.ndarray | Iterable, captions: Sequence[str] | None, in
                 continue
             array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
             picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        if masks is not None and options["mask_source"] != "off":
+            mask = masking.mask_from_array(masks[index], source, picture.size)
+        else:
+            mask = masking.alpha_mask(picture) if options["mask_source"] == "alpha" else None
         rgb, notes = to_rgb(picture, options["background"])
         target = _targets(rgb.size, options["resolution"], options["buckets"])
         fitted, fit_notes = fit(rgb, target)
         template = captions[index] if captions and index < len(captions) and captions[index] else instance_prompt
         items.append(InstanceImage(source, fill_caption(template, identifier, class_word), fitted, target,
-                                   picture.size, notes + fit_notes))
+                                   picture.size, notes + fit_notes,
+                                   None if mask is None else masking.fit_mask(mask, fitted.size)))
     return _finish(items, skipped, "the image batch", options)
 
 

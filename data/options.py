@@ -16,6 +16,10 @@ DATA_OPTIONS = OptionSet(
     Option("repeats", 1, "How many times each image appears per epoch.", min=1, max=1000),
     Option("background", "white", "Colour that transparent pixels (RGBA, LA, palette transparency) are "
            "composited on.", choices=("white", "black", "gray")),
+    Option("mask_source", "auto", "Which pixels the loss cares about: auto = a <name>.mask.png beside a photo (white = "
+           "subject) where there is one; alpha = also the photo's transparency (opaque = subject); off = every "
+           "pixel counts alike. In ComfyUI, a MASK batch on the Subject Photos node (1 = subject).",
+           choices=("auto", "alpha", "off")),
     Option("recursive", False, "Also read images in sub-folders of the instance folder."),
 )
 

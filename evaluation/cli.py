@@ -31,10 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "best", help="Score every saved checkpoint of a training run and recommend the best step.",
         description="For each step-N checkpoint in --state, samples the held-out --prompts and scores subject "
                     "fidelity (DINO/CLIP-I against --real) and prompt fidelity (CLIP-T); recommends the step with "
-                    "the best balance of the two.")
-    best.add_argument("--base", required=True, help="The base checkpoint the LoRA was trained on.")
+                    "the best balance of the two. With --by validation_loss (the default without --dino/--clip) "
+                    "it recommends the step of lowest recorded validation loss instead, with no model at all.")
+    best.add_argument("--base", help="The base checkpoint the LoRA was trained on (for --by metrics).")
     best.add_argument("--state", required=True, help="The '<output>.state' folder of a training run.")
-    best.add_argument("--real", required=True, help="Folder of the real subject images (the instance photos).")
+    best.add_argument("--real", help="Folder of the real subject images, the instance photos (for --by metrics).")
     best.add_argument("--json", action="store_true", help="Print the table as JSON.")
     EVAL_OPTIONS.add_to_parser(best)
     BEST_OPTIONS.add_to_parser(best)
@@ -76,14 +77,24 @@ def run_best(args: argparse.Namespace) -> int:
     from ..runtime.devices import default_device
     from ..models.load import load_base_model
     from ..sampling.session import SamplingSession
-    from .core import read_images, score_checkpoints
+    from ..errors import UserError
+    from .choosing import by_validation_loss, score_checkpoints
+    from .core import read_images
 
     values = {**EVAL_OPTIONS.values(args), **BEST_OPTIONS.values(args)}
+    by = values["by"]
+    if by == "auto":
+        by = "metrics" if values["dino"] or values["clip"] else "validation_loss"
+    if by == "validation_loss":
+        return _print_by_validation_loss(*by_validation_loss(args.state), args.json)
+    missing = [flag for flag, given in (("--base", args.base), ("--real", args.real)) if not given]
+    if missing:
+        raise UserError(f"--by metrics needs {' and '.join(missing)}: the base checkpoint and the folder of the "
+                        "subject's photos; or choose --by validation_loss.")
     dino, clip = _evaluators(values)
     if dino is None and clip is None:
-        from ..errors import UserError
-
-        raise UserError("no evaluator model: pass --dino and/or --clip (local paths; nothing is downloaded).")
+        raise UserError("no evaluator model: pass --dino and/or --clip (local paths; nothing is downloaded), or "
+                        "choose --by validation_loss.")
     real = [image for _, image in read_images(args.real)]
     device = default_device()
     session = SamplingSession(load_base_model(args.base, **LOAD_OPTIONS.values(args), device=device), args.base)
@@ -105,4 +116,16 @@ def run_best(args: argparse.Namespace) -> int:
     if "clip_t" not in columns:
         print("note: without CLIP-T only subject fidelity counts, which favours overfit checkpoints; pass --clip.")
     print(f"recommended: step {best['step']}: {best['lora']}")
+    return 0
+
+
+def _print_by_validation_loss(rows: list[dict], best: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"checkpoints": rows, "recommended": best, "by": "validation_loss"}, indent=1))
+        return 0
+    print(f"{'step':>8} {'val loss':>10}")
+    for row in rows:
+        value = "-" if row["validation_loss"] is None else f"{row['validation_loss']:.5f}"
+        print(f"{row['step']:>8} {value:>10}" + ("  <- recommended" if row is best else ""))
+    print(f"recommended: step {best['step']} (lowest validation loss): {best['lora']}")
     return 0

@@ -1,4 +1,4 @@
-"""The DreamBooth paper's metrics (Ruiz et al. 2022, §4.1) and checkpoint selection.
+"""The DreamBooth paper's metrics (Ruiz et al. 2022, §4.1); choosing a checkpoint is in choosing.py.
 
 Subject fidelity
   DINO    mean pairwise cosine between DINO ViT embeddings (CLS token) of generated and real
@@ -29,13 +29,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.core import IMAGE_SUFFIXES, fill_caption, open_image, to_rgb
+from ..data.core import IMAGE_SUFFIXES, open_image, to_rgb
 from ..errors import UserError
 from ..models.families import TOKENIZER_DIR
 from ..runtime.parameters import png_parameters, read_parameters
-from ..sampling.patch import LoraChoice
-from ..sampling.settings import SampleSettings
-from ..trainer.checkpoint import TRAINER_JSON, list_checkpoints, step_of
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -326,63 +323,3 @@ def evaluate(generated: Sequence[tuple[Any, str]], real: Sequence[Any], dino: Ev
             text = clip.text_features([strip_identifier(p, identifier) for p in prompts])
             scores.values["clip_t"], scores.counts["clip_t"] = paired_cosine(gen, text), len(images)
     return scores
-
-
-# --- choosing a checkpoint -------------------------------------------------------------
-
-
-def recommend(rows: Sequence[dict]) -> dict:
-    """The checkpoint with the best balance of subject fidelity (mean of DINO and CLIP-I,
-    whichever were measured) and prompt fidelity (CLIP-T): each is divided by its best value
-    across the checkpoints and the harmonic mean of the two ranks them, so neither an overfit
-    checkpoint (copies the photos, ignores the prompt) nor an underfit one (ignores the subject)
-    wins. Without CLIP-T only subject fidelity counts, which favours overfitting: the caller says so."""
-    def relative(key: str) -> list[float] | None:
-        values = [r.get(key) for r in rows]
-        if any(v is None for v in values):
-            return None
-        best = max(values)
-        # cosines of unrelated images can be ≤ 0: such a score counts as no fidelity at all
-        return [max(v, 0.0) / best if best > 0 else 0.0 for v in values]
-
-    subject_parts = [s for s in (relative("dino"), relative("clip_i")) if s is not None]
-    if not subject_parts:
-        raise UserError("no subject-fidelity score (DINO or CLIP-I) to choose a checkpoint by.")
-    subject = [float(np.mean(values)) for values in zip(*subject_parts)]
-    prompt = relative("clip_t")
-    for i, row in enumerate(rows):
-        s, p = subject[i], (prompt[i] if prompt is not None else None)
-        row["score"] = s if p is None else (0.0 if s + p == 0 else 2 * s * p / (s + p))
-    return max(rows, key=lambda r: (r["score"], -r["step"]))  # a tie goes to the earlier step
-
-
-def score_checkpoints(session, state_dir: str | Path, real: Sequence[Any], prompts: Sequence[str],
-                      dino: Evaluator | None, clip: Evaluator | None, images_per_prompt: int = 2, steps: int = 25,
-                      sampler: str = "euler_a", guidance: float = 7.5, resolution: int = 0,
-                      on_progress=None) -> tuple[list[dict], dict]:
-    """Sample the held-out ``prompts`` ({id}/{class} filled from the training record) with every
-    checkpoint of a training state folder, score each, and return (rows, recommended row)."""
-
-    folder = Path(state_dir).expanduser()
-    checkpoints = [c for c in list_checkpoints(folder) if (c / "lora.safetensors").is_file()]
-    if not checkpoints:
-        raise UserError(f"{folder}: holds no checkpoint with a LoRA (step-N/lora.safetensors); pass the "
-                        "'<output>.state' folder of a training run.")
-    options = json.loads((checkpoints[-1] / TRAINER_JSON).read_text()).get("options", {})
-    identifier, class_word = options.get("identifier", ""), options.get("class_word", "")
-    filled = [fill_caption(p, identifier, class_word) for p in prompts]
-    size = resolution or options.get("resolution", 0)
-    rows = []
-    for index, checkpoint in enumerate(checkpoints):
-        generated = []
-        for prompt in filled:
-            settings = SampleSettings(prompt=prompt, seed=0, steps=steps, guidance=guidance, width=size, height=size,
-                                      sampler=sampler, batch=images_per_prompt,
-                                      loras=[LoraChoice(str(checkpoint / "lora.safetensors"))])
-            generated += [(sample.image, prompt) for sample in session.sample(settings)]
-        scores = evaluate(generated, real, dino, clip, identifier)
-        step = step_of(checkpoint)
-        rows.append({"step": step, "lora": str(checkpoint / "lora.safetensors"), **scores.values})
-        if on_progress is not None:
-            on_progress(index + 1, len(checkpoints))
-    return rows, recommend(rows)

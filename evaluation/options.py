@@ -12,6 +12,10 @@ EVAL_OPTIONS = OptionSet(
 )
 
 BEST_OPTIONS = OptionSet(
+    Option("by", "auto", "How to choose: metrics (sample the --prompts with every checkpoint and score them with "
+           "--dino/--clip against --real), validation_loss (the lowest validation loss a checkpoint recorded; "
+           "needs no model), auto = metrics when an evaluator is given, else validation_loss.",
+           choices=("auto", "metrics", "validation_loss")),
     Option("prompts", "a photo of {id} {class} on the beach|a {id} {class} in the snow|a painting of {id} {class}",
            "Held-out prompts for scoring checkpoints, separated by '|' ({id}/{class} are filled in from the "
            "training record)."),

@@ -74,6 +74,11 @@ class InstanceImages(io.ComfyNode):
                     io.String.Input("captions", default="", multiline=True, optional=True,
                                     tooltip="For an IMAGE batch: one caption per line, in image order ({id} and "
                                             "{class} are filled in); empty lines use instance_prompt."),
+                    io.Mask.Input("masks", optional=True,
+                                  tooltip="For an IMAGE batch: where the subject is, one MASK per image (or one "
+                                          "for all), 1 = subject; the loss off the subject is weighted by the "
+                                          "Train node's mask_floor. (LoadImage's mask is 1 where the image is "
+                                          "transparent: paint the subject in the mask editor, or invert it.)"),
                     *PROMPT_OPTIONS.node_inputs(io), *DATA_OPTIONS.node_inputs(io)],
             outputs=[io.Custom(common.DATASET_TYPE).Output(display_name="dataset",
                                                            tooltip="The checked photos, with the identifier and "
@@ -99,7 +104,7 @@ class InstanceImages(io.ComfyNode):
         return digest.hexdigest()
 
     @classmethod
-    def execute(cls, folder: str, images=None, captions: str = "", **options) -> io.NodeOutput:
+    def execute(cls, folder: str, images=None, captions: str = "", masks=None, **options) -> io.NodeOutput:
         from ..data.core import load_batch, load_folder
         from ..errors import UserError
 
@@ -111,7 +116,7 @@ class InstanceImages(io.ComfyNode):
         elif images is not None:
             lines = captions.splitlines() if captions else None
             dataset = load_batch(images, lines, prompt["instance_prompt"], prompt["identifier"], prompt["class_word"],
-                                 **data)
+                                 masks=masks, **data)
         else:
             raise UserError("no subject photos: give a folder or connect an IMAGE batch.")
         report = dataset.report()

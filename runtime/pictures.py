@@ -58,38 +58,52 @@ def render_grid(cells: list[list[Any]], x_labels: list[str], y_labels: list[str]
     return grid
 
 
-def plot_losses(rows: list[dict], series_names: tuple[str, ...] = ("loss_instance", "loss_prior")):
-    """A loss plot (exponential moving average 0.9) against the step, or None for < 2 rows.
-    ``rows`` are the training log's rows; a series whose last value is None is left out."""
+def plot_losses(rows: list[dict], series_names: tuple[str, ...] = ("loss_instance", "loss_prior"),
+                validation_name: str = "loss_validation"):
+    """A loss plot against the step, or None for < 2 rows: ``series_names`` as exponential moving
+    averages (0.9) of every row (a series whose last value is None is left out), and the
+    validation loss as measured, at the rows that have one (it is already noise-free)."""
     from PIL import Image, ImageDraw
 
     if len(rows) < 2:
         return None
     width, height, pad = 800, 400, 50
-    labels = {"loss_instance": "instance", "loss_prior": "prior", "loss_validation": "validation"}
-    series = {}
+    labels = {"loss_instance": "instance", "loss_prior": "prior"}
+    smooth = {}
     for key in series_names:
         if rows[-1].get(key) is not None:
-            series[labels.get(key, key)] = [r.get(key) or 0.0 for r in rows]
-    smooth = {}
-    for name, values in series.items():
-        average, out = values[0], []
-        for value in values:
-            average = 0.9 * average + 0.1 * value
-            out.append(average)
-        smooth[name] = out
-    top = max(max(v) for v in smooth.values()) or 1.0
+            average, out = rows[0].get(key) or 0.0, []
+            for row in rows:
+                average = 0.9 * average + 0.1 * (row.get(key) or 0.0)
+                out.append((row["step"], average))
+            smooth[labels.get(key, key)] = out
+    measured = [(row["step"], row[validation_name]) for row in rows if row.get(validation_name) is not None]
+    if measured:
+        smooth["validation"] = measured
+    if not smooth:
+        return None
+    top = max(max(v for _, v in points) for points in smooth.values()) or 1.0
+    first, last = rows[0]["step"], rows[-1]["step"]
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline="black")
     colours = {"instance": ((30, 90, 200), "blue"), "prior": ((220, 120, 20), "orange"),
                "validation": ((20, 150, 60), "green")}
-    for name, values in smooth.items():
-        points = [(pad + (width - 1.5 * pad) * i / (len(values) - 1), height - pad - (height - 1.5 * pad) * v / top)
-                  for i, v in enumerate(values)]
-        draw.line(points, fill=colours.get(name, ((0, 0, 0), "black"))[0], width=2)
+
+    def at(step: int, value: float) -> tuple[float, float]:
+        return (pad + (width - 1.5 * pad) * (step - first) / max(1, last - first),
+                height - pad - (height - 1.5 * pad) * value / top)
+
+    for name, points in smooth.items():
+        colour = colours.get(name, ((0, 0, 0), "black"))[0]
+        xy = [at(step, value) for step, value in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if name == "validation":
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     legend = ", ".join(f"{name} ({colours.get(name, (None, 'black'))[1]})" for name in smooth)
-    draw.text((pad, 5), f"loss (EMA 0.9): {legend}; max {top:.4f}", fill="black")
-    draw.text((pad, height - pad + 5), f"step {rows[0]['step']}", fill="black")
-    draw.text((width - 2 * pad, height - pad + 5), f"step {rows[-1]['step']}", fill="black")
+    draw.text((pad, 5), f"loss (EMA 0.9; validation as measured): {legend}; max {top:.4f}", fill="black")
+    draw.text((pad, height - pad + 5), f"step {first}", fill="black")
+    draw.text((width - 2 * pad, height - pad + 5), f"step {last}", fill="black")
     return image

@@ -115,9 +115,10 @@ class SamplingSession:
         return self.base
 
     def sample(self, settings: SampleSettings, on_step: Callable[[int, int], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> list[Sample]:
+               should_stop: Callable[[], bool] | None = None, together: bool = False) -> list[Sample]:
         """``settings.batch`` images, image i from seed + i and exactly the image that seed makes
-        alone (``runtime.pipeline.generate``). ``on_step(done, total)`` counts sampler steps."""
+        alone (``runtime.pipeline.generate``; ``together``: in one denoising loop, faster, equal up
+        to rounding — for measuring). ``on_step(done, total)`` counts sampler steps."""
         check_sampler(settings.sampler)
         native = self.base.info.resolution
         width, height = settings.width or native, settings.height or native
@@ -130,7 +131,7 @@ class SamplingSession:
         negative, negative_pooled = encode_base_prompt(self.base, negative_text, chunks)
         seeds = [settings.seed + i for i in range(settings.batch)]
         pixels = generate(self.pipeline(settings.sampler), Conditioning(positive, negative, pooled, negative_pooled),
-                          seeds, settings.steps, settings.guidance, width, height, on_step, should_stop)
+                          seeds, settings.steps, settings.guidance, width, height, on_step, should_stop, together)
         hashes = {c.name: self.lora_hash(c.path) for c in settings.loras}
         used = {name for name, (_, internal) in self.embeddings.items() if internal in prompt_text + negative_text}
         ti_hashes = {name: self.lora_hash(path) for path, (name, _) in self._embedding_files.items() if name in used}

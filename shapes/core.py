@@ -115,13 +115,14 @@ def score(judge: Judge, ref: Reference, subject_images: list, class_images: list
         div=1.0 - mean_cosine_within(class_looks), subject_images=subject_images, class_images=class_images)
 
 
-def reference(subject: world.Subject, judge: Judge, images_per_prompt: int, seed: int = 0) -> Reference:
+def reference(subject: world.Subject, judge: Judge, images_per_prompt: int, seed: int = 0,
+              contexts: tuple[str, ...] = world.NEW_CONTEXTS) -> Reference:
     """The yardsticks, and the real-images row: held-out renders of the subject in the new
     contexts, and real images of the class (solid looks of every colour)."""
     photos = [world.render(s) for s in world.subject_photos(subject)]
     photo_looks = judge.looks(photos).double()
     prototype = torch.nn.functional.normalize(photo_looks.mean(0), dim=0)
-    held_out = [(world.render(s), s.background) for bg in world.NEW_CONTEXTS
+    held_out = [(world.render(s), s.background) for bg in contexts
                 for s in subject.scenes(images_per_prompt, seed + 1000, (bg,))]
     real_class = [world.render(s) for s in world.class_scenes(subject.look.shape, 4 * images_per_prompt, seed)]
     subject_similarity = (judge.looks([i for i, _ in held_out]).double() @ prototype).mean()
@@ -132,7 +133,8 @@ def reference(subject: world.Subject, judge: Judge, images_per_prompt: int, seed
 
 
 def measure(session, subject: world.Subject, identifier: str, ref: Reference, judge: Judge, lora: str | None,
-            images_per_prompt: int, guidance: float, steps: int, seed: int = 0) -> Measurement:
+            images_per_prompt: int, guidance: float, steps: int, seed: int = 0,
+            contexts: tuple[str, ...] = world.NEW_CONTEXTS) -> Measurement:
     """Generate the protocol's images with ``session`` (the base, plus ``lora`` if given) and score them."""
 
     loras = [LoraChoice(lora)] if lora else []
@@ -140,9 +142,9 @@ def measure(session, subject: world.Subject, identifier: str, ref: Reference, ju
     def make(prompt: str, count: int) -> list:
         settings = SampleSettings(prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=world.SIZE,
                                   height=world.SIZE, sampler="ddim", batch=count, loras=loras)
-        return [s.image for s in session.sample(settings)]
+        return [s.image for s in session.sample(settings, together=True)]  # measured, not kept
 
-    subject_images = [(image, bg) for bg in world.NEW_CONTEXTS
+    subject_images = [(image, bg) for bg in contexts
                       for image in make(subject_prompt(identifier, subject, bg), images_per_prompt)]
     return score(judge, ref, subject_images, make(class_prompt(subject), 4 * images_per_prompt))
 
@@ -169,9 +171,10 @@ def make_priors(base, base_file: str | Path, subject: world.Subject, folder: Pat
 
 
 def train_subject(base_file: str | Path, subject: world.Subject, identifier: str, out: Path,
-                  options: Mapping[str, Any], class_dir: Path | None, lora_name: str):
-    """One DreamBooth LoRA on a subject's photos (the trainer, with the demo's settings). The
-    trainer loads its own copy of the base: training changes the model it is given."""
+                  options: Mapping[str, Any], class_dir: Path | None, lora_name: str, **more):
+    """One DreamBooth LoRA on a subject's photos (the trainer, with the demo's settings; ``more``:
+    further trainer options). The trainer loads its own copy of the base: training changes the
+    model it is given. Photos already in ``out/photos`` are used as they are."""
     photos = out / "photos"
     if not photos.is_dir():
         write_photos(subject, photos)
@@ -185,6 +188,7 @@ def train_subject(base_file: str | Path, subject: world.Subject, identifier: str
         "num_class_images": options["num_class_images"], "prior_preservation": options["prior_preservation"],
         "save_every": 0, "keep_checkpoints": 1, "mixed_precision": "no",
         "flip": False,  # a mirrored split tile is another look
+        **more,
     }
     job = TrainJob(base=str(base_file), output=str(out / "loras" / f"{lora_name}.safetensors"), options=train_options,
                    instance_dir=str(photos), class_dir=str(class_dir) if class_dir else None, overwrite=True,

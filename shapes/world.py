@@ -164,18 +164,34 @@ def _pattern_fill(look: Look, scene: Scene, big: int) -> Image.Image:
     return Image.fromarray(array)
 
 
-def render(scene: Scene) -> Image.Image:
-    big = SIZE * _SUPERSAMPLE
-    image = _background(scene.background, big)
+def _object(scene: Scene, big: int) -> tuple[list, Image.Image]:
+    """The object's outline (supersampled coordinates) and its filled silhouette."""
     outline = [(x * _SUPERSAMPLE, y * _SUPERSAMPLE) for x, y in
                _outline(scene.look.shape, scene.cx, scene.cy, scene.radius, scene.angle)]
     mask = Image.new("L", (big, big), 0)
     ImageDraw.Draw(mask).polygon(outline, fill=255)
+    return outline, mask
+
+
+def render(scene: Scene) -> Image.Image:
+    big = SIZE * _SUPERSAMPLE
+    image = _background(scene.background, big)
+    outline, mask = _object(scene, big)
     image.paste(_pattern_fill(scene.look, scene, big), (0, 0), mask)
     if scene.look.pattern == "rim":
         ImageDraw.Draw(image).line(outline + outline[:1], fill=COLORS[scene.look.color2],
                                    width=int(3.5 * _SUPERSAMPLE), joint="curve")
     return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def render_mask(scene: Scene) -> Image.Image:
+    """Where the object is in ``render(scene)`` ("L", 255 = object, rim included): the mask a
+    user would paint for masked training."""
+    big = SIZE * _SUPERSAMPLE
+    outline, mask = _object(scene, big)
+    if scene.look.pattern == "rim":
+        ImageDraw.Draw(mask).line(outline + outline[:1], fill=255, width=int(3.5 * _SUPERSAMPLE), joint="curve")
+    return mask.resize((SIZE, SIZE), Image.BILINEAR)
 
 
 def render_many(scenes: list[Scene]) -> np.ndarray:

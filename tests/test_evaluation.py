@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dreambooth_lora.errors import UserError
+from dreambooth_lora.evaluation import choosing
 from dreambooth_lora.evaluation import core as ev
 
 
@@ -41,11 +42,11 @@ def test_recommend_balances_subject_and_prompt_fidelity():
     rows = [{"step": 100, "dino": 0.2, "clip_t": 0.30},   # underfit: follows prompts, not the subject
             {"step": 200, "dino": 0.5, "clip_t": 0.28},   # balanced
             {"step": 300, "dino": 0.6, "clip_t": 0.20}]   # overfit: copies the photos
-    assert ev.recommend(rows)["step"] == 200
-    assert ev.recommend([{"step": 1, "dino": 0.1}, {"step": 2, "dino": 0.3}])["step"] == 2
+    assert choosing.recommend(rows)["step"] == 200
+    assert choosing.recommend([{"step": 1, "dino": 0.1}, {"step": 2, "dino": 0.3}])["step"] == 2
     # two checkpoints, each better at one thing: the smaller loss wins (0.947 vs 0.889)
     pair = [{"step": 1, "dino": 0.5, "clip_t": 0.27}, {"step": 2, "dino": 0.4, "clip_t": 0.30}]
-    assert ev.recommend(pair)["step"] == 1 and pair[0]["score"] == pytest.approx(2 * 0.9 / 1.9)
+    assert choosing.recommend(pair)["step"] == 1 and pair[0]["score"] == pytest.approx(2 * 0.9 / 1.9)
 
 
 # --- tiny random evaluators, saved the way users keep them -------------------------------

@@ -80,9 +80,12 @@ def test_base_photos_train_sample_grid(comfy_dirs):
     base = run(LoadBaseModel, ckpt_name="tiny.safetensors", dtype="auto", prediction_type="auto").args[0]
     rng = np.random.default_rng(0)
     photos = torch.from_numpy(rng.random((4, 72, 80, 3)).astype(np.float32))
-    out = run(InstanceImages, **defaults(InstanceImages, folder="", images=photos, resolution=64))
+    masks = torch.zeros(4, 72, 80)  # a MASK batch, as the mask editor or a segmenter gives it: 1 = subject
+    masks[:, 10:60, 20:70] = 1.0
+    out = run(InstanceImages, **defaults(InstanceImages, folder="", images=photos, masks=masks, resolution=64))
     dataset, report = out.args
     assert "4 image(s) usable" in report and dataset["identifier"] == "sks"
+    assert report.count("mask covers") == 4 and all(item.mask is not None for item in dataset["dataset"].images)
     trained = run(TrainDreamBoothLoRA, base=base, dataset=dataset,
                   **defaults(TrainDreamBoothLoRA, lora_name="sks_dog", steps=4, rank=4, alpha=4,
                              prior_preservation="base_model", save_every=2, learning_rate=1e-3))

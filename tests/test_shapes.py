@@ -97,25 +97,38 @@ def test_base_follows_class_and_colour_prompts(base, judge):
     assert rate["shape"] > SHAPE_RATE and rate["color"] > COLOR_RATE and rate["background"] > BACKGROUND_RATE, rate
 
 
-def test_prior_preservation_keeps_the_class_and_its_diversity(tmp_path):
-    """The paper's claim in miniature, same subject, seed and steps, with and without prior
-    preservation (both through `dreambooth-lora demo`, which also writes the report)."""
-    runs = {}
-    for mode in ("class_images", "off"):
-        out = tmp_path / mode
-        result = subprocess.run([sys.executable, "-m", "dreambooth_lora.cli", "demo", "--out", str(out), "--json",
-                                 "--prior-preservation", mode],
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[mode] = json.loads(result.stdout[result.stdout.index("{"):])["rows"]
-        assert (out / "report.html").is_file() and (out / "report.png").is_file()
-        assert (out / "loras").is_dir() and list((out / "loras").glob("*.safetensors"))
-    with_pp, without = runs["class_images"], runs["off"]
-    base, real = with_pp["base model"], with_pp["real images"]
-    db, db_off = with_pp["DreamBooth LoRA"], without["DreamBooth LoRA"]
-    print(json.dumps(runs, indent=1))
-    assert db["SUBJ"] > base["SUBJ"] + SUBJ_GAIN, (db, base)
-    assert db["PROMPT"] >= base["PROMPT"] - PROMPT_LOSS, (db, base)
+def test_prior_preservation_keeps_the_class_and_its_diversity(tmp_path, base, judge):
+    """The paper's claim in miniature, same subject, identifier, seed and steps, with and without
+    prior preservation: the run with it through `dreambooth-lora demo` (which also writes the
+    report), the run without it through the same training and measuring functions (the demo
+    would only repeat the base model's row)."""
+    from dreambooth_lora.sampling.session import SamplingSession
+    from dreambooth_lora.shapes.options import DEMO_OPTIONS
+
+    out = tmp_path / "class_images"
+    result = subprocess.run([sys.executable, "-m", "dreambooth_lora.cli", "demo", "--out", str(out), "--json"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    demo = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (out / "report.html").is_file() and (out / "report.png").is_file()
+    assert (out / "loras").is_dir() and list((out / "loras").glob("*.safetensors"))
+    with_pp = demo["rows"]
+    assert json.loads((out / "metrics.json").read_text())["options"]["prior_preservation"] == "class_images"
+
+    options = DEMO_OPTIONS.values({"prior_preservation": "off"})
+    subject, identifier = world.SUBJECTS[options["subject"]], demo["identifier"]
+    run = core.train_subject(core.base_path(), subject, identifier, tmp_path / "off", options, None, "off")
+    ref = core.reference(subject, judge, options["images_per_prompt"], options["seed"])
+    session = SamplingSession(base, core.base_path())
+    db_off = core.measure(session, subject, identifier, ref, judge, str(run.output),
+                          images_per_prompt=options["images_per_prompt"], guidance=options["guidance"],
+                          steps=options["sample_steps"], seed=options["seed"]).row()
+    session.without_loras()  # the module's base model is shared
+
+    base_row, real, db = with_pp["base model"], with_pp["real images"], with_pp["DreamBooth LoRA"]
+    print(json.dumps({"with prior preservation": with_pp, "without: DreamBooth LoRA": db_off}, indent=1))
+    assert db["SUBJ"] > base_row["SUBJ"] + SUBJ_GAIN, (db, base_row)
+    assert db["PROMPT"] >= base_row["PROMPT"] - PROMPT_LOSS, (db, base_row)
     assert db["PRES"] < db_off["PRES"] - PRES_GAP, (db, db_off)
     assert db["DIV"] > db_off["DIV"] + DIV_GAP, (db, db_off)
     assert real["PRES"] == 0.0  # real class images never look like the subject

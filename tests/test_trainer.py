@@ -315,8 +315,9 @@ def test_the_loop_recomputes_nothing_that_does_not_change(tmp_path, cache):
     train(job, should_stop=lambda: in_loop.append(1) and False)  # polled at the end of every step
     if cache:  # 4 instance + 4 class images, once each, before the first step
         assert calls["vae"] == [("before", 1)] * 8
-    else:  # instance + class image of each step in one call: step 1, then steps 2-5
-        assert calls["vae"] == [("before", 2)] + [("loop", 2)] * 4
+    else:  # the 4 validation photos once, in one call; then the instance + class image of each step
+        # in one call: step 1, then steps 2-5
+        assert calls["vae"] == [("before", 4), ("before", 2)] + [("loop", 2)] * 4
     assert calls["text"] == [("before", 2)]  # both captions, once
 
 

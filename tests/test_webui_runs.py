@@ -88,7 +88,9 @@ def test_cancel_keeps_a_checkpoint_and_resume_continues(tmp_path, photos, monkey
     monkeypatch.setenv("DBLORA_TRAIN_PYTHON", sys.executable)
     with webui(tmp_path / "data", {"tiny.safetensors": fixture_path("sd1-tiny")}) as host:
         app = host.app()
-        steps = 12
+        # long enough that the Cancel sent after step 2 lands well before the end on any machine
+        # (a tiny step takes milliseconds; 12 steps could all be done before the request arrived)
+        steps = 200
         status, run = app.call("POST", "/dreambooth-lora/train",
                                {"name": "stop_me", "instance_dir": str(photos), "options": dict(TINY, steps=steps)})
         assert status == 200, run

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..data.core import IMAGE_SUFFIXES, fit, load_files, load_folder, size_conditioning, training_pixels
+from ..data.masks import latent_mask
 from ..data.options import DATA_OPTIONS
 from ..errors import UserError
 from ..priors.core import MANIFEST, generate_priors
@@ -54,6 +55,12 @@ def load_instances(job, settings, say: Callable[[str], None]):
         raise UserError("no instance images: pass --instance-dir DIR with 3-20 photos of the subject.")
     for source, why in instances.skipped:
         say(f"warning: skipped {source}: {why}")
+    for source, what in instances.warnings:
+        say(f"warning: {source}: {what}")
+    masked = sum(item.mask is not None for item in instances.images)
+    if masked:
+        say(f"masks: {masked} of {len(instances.images)} photos; the loss off the subject is weighted "
+            f"{settings.mask_floor:g} (--mask-floor)")
     return instances
 
 
@@ -92,6 +99,7 @@ class LatentSource:
     def __init__(self, vae, device: torch.device, cache: bool):
         self.vae, self.device, self.cache = vae, device, cache
         self.store: dict[tuple, torch.Tensor] = {}
+        self.masks: dict[tuple, torch.Tensor] = {}  # latent-grid masks, (1, h, w) on the device
         self.scaling = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
 
@@ -110,13 +118,14 @@ class LatentSource:
         return self.get_many([(dataset, index, self.window(dataset, index, rng), flip)])[0]
 
     def get_many(self, wanted: list[tuple]) -> list[tuple[torch.Tensor, dict]]:
-        """[(dataset, index, crop box, flip)] → [(latents on the device, size conditioning and caption)]."""
+        """[(dataset, index, crop box, flip)] → [(latents on the device, size conditioning, caption
+        and the latent-grid mask or None)]."""
         found: list[list] = []
         missing: list[tuple[int, tuple, torch.Tensor, bool]] = []
         for dataset, index, box, flip in wanted:
             item = dataset.images[index]
             key = (id(dataset), index, box, flip)
-            meta = {**size_conditioning(item, box), "caption": item.caption}
+            meta = {**size_conditioning(item, box), "caption": item.caption, "mask": None}
             found.append([self.store.get(key), meta])
             if found[-1][0] is None:
                 pixels = torch.from_numpy(training_pixels(item, box, flip))
@@ -127,6 +136,16 @@ class LatentSource:
                 found[position][0] = latents
                 if keep:
                     self.store[key] = latents
+        for (dataset, index, box, flip), (latents, meta) in zip(wanted, found):
+            mask = dataset.images[index].mask
+            if mask is not None:
+                key = (id(dataset), index, box, flip)
+                grid = self.masks.get(key)
+                if grid is None:
+                    grid = torch.from_numpy(latent_mask(mask, box, flip, tuple(latents.shape[-2:])))[None].to(self.device)
+                    if dataset.crop != "random":  # random windows would grow the store without end
+                        self.masks[key] = grid
+                meta["mask"] = grid
         return [(latents, meta) for latents, meta in found]
 
     def encode_all(self, instances, classes, say: Callable[[str], None]) -> bool:

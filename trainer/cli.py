@@ -1,4 +1,6 @@
-"""`dreambooth-lora train`: the DreamBooth LoRA trainer.
+"""`dreambooth-lora train`: the DreamBooth LoRA trainer; `dreambooth-lora plan`: its peak memory
+predicted before it runs, and the fastest settings that fit (``planner``; registered here because it
+takes the train command's own flags).
 
 Runs as is on one device, and unchanged under `accelerate launch --num_processes N` (or
 `torchrun --nproc_per_node N`): every process trains its share of each batch, only the main
@@ -14,7 +16,11 @@ import sys
 from ..converters.options import SAVE_OPTIONS
 from ..models.options import PREDICTION_TYPE
 from ..options import OptionSet
+from ..planner.options import MEMORY_OPTIONS, PLAN_OPTIONS
 from .options import ALL_OPTIONS
+
+# What `plan` chooses itself, so it takes no flags for them.
+CHOSEN_BY_PLAN = {*(o.name for o in MEMORY_OPTIONS), "gradient_checkpointing"}
 
 LOAD = OptionSet(PREDICTION_TYPE)
 
@@ -42,6 +48,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     LOAD.add_to_parser(parser)
     SAVE_OPTIONS["overwrite"].add_to_parser(parser)
     parser.set_defaults(run=run)
+
+    plan = subparsers.add_parser(
+        "plan", help="Predict a training run's peak memory and choose the fastest settings that fit --vram.",
+        description="Predicts the peak memory of `train` with these options for each way of running it (base "
+                    "precision: training precision or fp8; gradient checkpointing; offload, on CUDA), fastest first, "
+                    "and names the fastest that fits --vram GiB. Reads the checkpoint's shapes only: nothing is "
+                    "loaded, and a GPU can be planned for on a machine without one (--device cuda). Takes every "
+                    "`train` option; `train --fit-to-vram GB` makes the same choice by itself. Exit status 1 when "
+                    "nothing fits.")
+    plan.add_argument("--base", required=True, help="The base checkpoint (.safetensors/.ckpt or diffusers folder).")
+    plan.add_argument("--class-dir", help="As for train: whether class images are still to be generated there "
+                                          "(a phase of its own) is read from it.")
+    PLAN_OPTIONS.add_to_parser(plan)
+    OptionSet(*(o for o in ALL_OPTIONS if o.name not in CHOSEN_BY_PLAN)).add_to_parser(plan)
+    plan.set_defaults(run=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from ..planner.core import Planner
+    from ..planner.report import generates_class_images
+    from ..runtime.memory import GIB, gigabytes
+    from .job import TrainJob, resolve_settings
+
+    settings = resolve_settings(ALL_OPTIONS.values(args))
+    job = TrainJob(base=args.base, output="plan.safetensors", class_dir=args.class_dir)
+    planner = Planner(args.base, settings, args.device, class_images=generates_class_images(job, settings))
+    plan = planner.plan(int(args.vram * GIB))
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+    else:
+        print(plan.table())
+        if plan.chosen is not None:
+            changes = plan.chosen.candidate.changes()
+            flags = [f"--base-precision {changes['base_precision']}"] + \
+                [f"--{'' if changes[name] else 'no-'}{name.replace('_', '-')}" for name in ("gradient_checkpointing", "offload")]
+            print(f"train with: {' '.join(flags)}   (or: --fit-to-vram {args.vram:g})")
+    return 0 if plan.chosen is not None else 1
 
 
 def run(args: argparse.Namespace) -> int:

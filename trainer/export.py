@@ -127,13 +127,18 @@ class Checkpointer:
         return states
 
     def save(self, step: int, log_rows: list[dict]) -> Path:
+        """Write checkpoint ``step``; its record carries the validation loss measured at that step."""
         states = self.states()
         if self.accelerator.is_main_process:
+            record = dict(self.writer.record)
+            measured = [r["loss_validation"] for r in log_rows if r["step"] == step and "loss_validation" in r]
+            if measured:
+                record["validation_loss"] = measured[-1]
             optimizer_state = self.optimizer.state_dict()
             with self.keeping_last():
                 self.check_room(states, optimizer_state)
                 self.last = write_checkpoint(
-                    self.state_dir, step, states, optimizer_state, self.lr_scheduler.state_dict(), self.writer.record,
+                    self.state_dir, step, states, optimizer_state, self.lr_scheduler.state_dict(), record,
                     lora_writer=lambda path: self.writer.write(states, step, path, path.with_name(EMBEDDING_FILE),
                                                                True),
                     keep=self.keep)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 
 from ..data.core import fill_caption
 from ..errors import UserError
+from ..planner.report import fit_job
+from ..runtime.devices import default_device
 from ..runtime.files import fingerprint
 from ..runtime.locks import LOCK_FILE, OWNER_FILE
 from ..runtime.tokens import token_names
@@ -28,7 +30,7 @@ from .options import DEFAULT_TEMPLATES, TrainSettings
 
 RESUME_AUTO = "auto"
 # Options whose change would make a resumed run a different run (the rest may change on resume).
-FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "validation_prompts", "validation_every",
+FREE_ON_RESUME = {"steps", "save_every", "keep_checkpoints", "validation_prompts", "validation_every", "validation_loss_every",
                   "validation_scales", "validation_steps"}
 
 
@@ -206,6 +208,7 @@ def plan_run(job: TrainJob) -> RunPlan:
     """Resolve the options and check everything that needs no model, so a run fails at once,
     before any loading or training."""
     settings = resolve_settings(job.options)
+    settings = fit_job(job, settings, default_device())  # --fit-to-vram: the fastest settings that fit
     if not (settings.train_unet or settings.train_text_encoder or settings.new_tokens):
         raise UserError("nothing to train: --no-train-unet without --train-text-encoder needs --new-tokens N "
                         "(textual inversion).")

@@ -39,7 +39,8 @@ def read_log(state_dir: Path, up_to: int) -> list[dict]:
 
 
 def write_loss_plot(state_dir: Path, rows: list[dict]) -> Path | None:
-    """loss.png: instance and prior loss (exponential moving average) against the step."""
+    """loss.png: instance and prior loss (exponential moving average) and the validation loss
+    (as measured) against the step."""
     image = plot_losses(rows)
     if image is None:
         return None
@@ -84,6 +85,7 @@ class LossLog:
         self.rows, self.has_prior, self.on_step = rows, has_prior, on_step
         self.pending: list[tuple[int, torch.Tensor, float, float]] = []
         self.dominance = DominanceWarning(say)
+        self.last_validation = next((r["loss_validation"] for r in reversed(rows) if "loss_validation" in r), None)
         self.progress = tqdm(total=steps, initial=start_step, desc="training", unit="step", disable=not show)
 
     def add(self, step: int, losses: torch.Tensor, lr: float, seconds: float) -> None:
@@ -108,10 +110,19 @@ class LossLog:
         self.dominance.add(row)
         self.progress.set_postfix(loss=f"{row['loss']:.4f}", inst=f"{row['loss_instance']:.4f}",
                                   prior="-" if row["loss_prior"] is None else f"{row['loss_prior']:.4f}",
-                                  lr=f"{row['lr']:.2e}", refresh=False)
+                                  lr=f"{row['lr']:.2e}",
+                                  **({} if self.last_validation is None else {"val": f"{self.last_validation:.4f}"}),
+                                  refresh=False)
         self.progress.update(1)
         if self.on_step is not None:
             self.on_step(row)
+
+    def validation(self, step: int, value: float) -> None:
+        """The validation loss measured after step ``step`` (whose row is settled): kept in its row."""
+        row = self.rows[-1]
+        assert row["step"] == step, (row["step"], step)
+        row["loss_validation"] = value
+        self.last_validation = value
 
     def close(self) -> None:
         self.progress.close()

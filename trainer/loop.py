@@ -23,6 +23,7 @@ from peft import set_peft_model_state_dict
 
 from ..models.families import FAMILIES
 from ..models.load import load_base_model
+from ..planner.report import memory_report
 from ..runtime.locks import exclusive
 from ..runtime.peft import adapter_digest
 from .batches import LatentSource, load_class_images, load_instances, micro_batch_rows, step_seed
@@ -34,6 +35,7 @@ from .logs import LossLog, read_log, write_loss_plot
 from .model import WEIGHT_DTYPES, TextSchedule, attach_adapters, make_accelerator, offload_frozen, place_frozen
 from .preview import Previewer
 from .step import CaptionEncoder, JointForward, make_optimizer
+from .validation import ValidationLoss, split_holdout
 
 
 def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
@@ -52,6 +54,7 @@ def train(job: TrainJob, should_stop: Callable[[], bool] | None = None,
         if accelerator.is_main_process:  # one run per output: a second one is refused now, naming this one
             held.enter_context(exclusive(state_dir, "a training run", "wait for it to finish, or choose another "
                                          "--output (in ComfyUI: another lora_name)"))
+        held.enter_context(memory_report(job, plan.settings, accelerator.device, accelerator.print))
         return _run(job, plan, accelerator, started, should_stop, on_step, on_preview)
 
 
@@ -60,6 +63,7 @@ def _run(job: TrainJob, plan, accelerator, started: float, should_stop, on_step,
     s, state_dir = plan.settings, plan.state_dir
     device, rank, world, say = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.print
     instances = load_instances(job, s, say)
+    instances, validation_photos = split_holdout(instances, s, say)
     check_captions(instances, s)
     if accelerator.is_main_process:
         clear_old_run(plan, say)
@@ -98,7 +102,8 @@ def _run(job: TrainJob, plan, accelerator, started: float, should_stop, on_step,
 
     # --- everything that does not change between steps, computed now
     make_caption = caption_maker(s)
-    captions = sorted({make_caption(item.caption) for item in instances.images} |
+    photos = instances.images + (validation_photos.images if validation_photos is not None else [])
+    captions = sorted({make_caption(item.caption) for item in photos} |
                       ({item.caption for item in classes.images} if classes else set()) |
                       ({s.class_prompt} if s.prior_preservation == "base_model" else set()))
     tokenizer = base.tokenizers[0]
@@ -114,9 +119,11 @@ def _run(job: TrainJob, plan, accelerator, started: float, should_stop, on_step,
         embed([s.class_prompt], False, base_only=True)
     latents = LatentSource(base.vae, device, s.cache_latents)
     vae_done = latents.encode_all(instances, classes, say)
-    offload_frozen(base, trainables, vae_done, device)
     forward = JointForward(family, prediction_type, unet_run, base.unet, encoders, base.noise_scheduler,
                            base.noise_scheduler.alphas_cumprod.to(device), device, weight_dtype)
+    validation = ValidationLoss(validation_photos, latents, forward, s, make_caption) \
+        if validation_photos is not None else None
+    offload_frozen(base, trainables, vae_done, device)
 
     # --- where results go
     run_record = {"options": jsonable(s.as_dict()), "base": str(job.base), "base_fingerprint": plan.base_fingerprint,
@@ -176,8 +183,11 @@ def _run(job: TrainJob, plan, accelerator, started: float, should_stop, on_step,
             if world > 1:  # every rank stops at the same step
                 stop = accelerator.reduce(torch.tensor(float(stop), device=device), reduction="sum").item() > 0
             stop = stop and done < s.steps
-            if save_due or preview_due or stop or done == s.steps:
+            validation_due = validation is not None and validation.due(done, save_due, done == s.steps)
+            if save_due or preview_due or validation_due or stop or done == s.steps:
                 log.settle(saver.last)  # nothing is saved or shown before its loss is known to be finite
+            if validation_due:
+                log.validation(done, validation(embed, text_active))
             if save_due:
                 saver.save(done, log.rows)
             if preview_due and preview is not None:

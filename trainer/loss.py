@@ -41,8 +41,9 @@ def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse",
-                    huber_delta: float = 0.1) -> torch.Tensor:
-    """Mean over C×H×W per sample, in fp32."""
+                    huber_delta: float = 0.1, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over C×H×W per sample, in fp32; ``weights`` (N, 1, H, W), the masks' loss weights,
+    multiply each latent cell first (a weight of exactly 1 leaves the numbers as they were)."""
     diff = prediction.float() - target.float()
     if kind == "mse":
         per_pixel = diff.square()
@@ -51,15 +52,19 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = 
         per_pixel = 2 * huber_delta * (torch.sqrt(diff.square() + huber_delta**2) - huber_delta)
     else:
         raise ValueError(f"unknown loss {kind!r}")
+    if weights is not None:
+        per_pixel = per_pixel * weights
     return per_pixel.flatten(1).mean(dim=1)
 
 
 def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, n_instance: int,
                     alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", prior_weight: float = 1.0,
-                    kind: str = "mse", huber_delta: float = 0.1, min_snr_gamma: float = 0.0) -> LossParts:
+                    kind: str = "mse", huber_delta: float = 0.1, min_snr_gamma: float = 0.0,
+                    weights: torch.Tensor | None = None) -> LossParts:
     """``loss = mean(instance rows) + prior_weight · mean(prior rows)``, each row optionally
-    min-SNR-γ weighted (Hang et al. 2023: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v)."""
-    losses = per_sample_loss(prediction, target, kind, huber_delta)
+    min-SNR-γ weighted (Hang et al. 2023: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v) and
+    mask weighted (``weights``: see ``per_sample_loss``)."""
+    losses = per_sample_loss(prediction, target, kind, huber_delta, weights)
     if min_snr_gamma > 0:
         ratio = snr(timesteps, alphas_cumprod)
         clipped = torch.clamp(ratio, max=min_snr_gamma)

@@ -17,9 +17,11 @@ from accelerate import Accelerator
 from peft import inject_adapter_in_model
 
 from ..runtime.peft import TEXT_TARGETS, UNET_TARGETS, adapter_config
+from ..runtime.precision import offload_weights, store_weights
 from ..runtime.tokens import add_tokens, initial_vectors, token_embedding, token_names
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def resolve_mixed_precision(name: str, device: torch.device) -> str:
@@ -49,7 +51,9 @@ def place_frozen(base, settings, device: torch.device, weight_dtype: torch.dtype
     """Freeze every base component and move it to ``device`` in its training dtype.
 
     Latents encoded once are encoded in fp32. A VAE that runs every step (no cache, or random
-    crops) runs in bf16 when training in bf16: twice as fast, and safe (fp16 overflows SDXL's VAE)."""
+    crops) runs in bf16 when training in bf16: twice as fast, and safe (fp16 overflows SDXL's VAE).
+    --base-precision stores the UNet's and text encoders' Linear/Conv2d weights narrower than they
+    compute (fp8: e4m3 + a per-tensor scale); --offload keeps the UNet's in CPU memory (CUDA)."""
     vae_every_step = not settings.cache_latents or settings.crop == "random"
     vae_dtype = torch.bfloat16 if vae_every_step and weight_dtype == torch.bfloat16 else torch.float32
     for module in [base.unet, base.vae, *base.text_encoders]:
@@ -58,6 +62,17 @@ def place_frozen(base, settings, device: torch.device, weight_dtype: torch.dtype
         if next(module.parameters()).dtype != wanted:  # diffusers warns on every .to(dtype), even a no-op
             module.to(dtype=wanted)
         module.to(device)
+    offload = settings.offload and device.type == "cuda"
+    if settings.offload and not offload:
+        warnings.warn(f"--offload needs a CUDA GPU; on {device.type} the weights are in CPU memory already, "
+                      "so nothing is offloaded.")
+    stored = settings.base_precision if settings.base_precision != "auto" else None
+    # Offload streams stored layers: with the training precision they are stored as they compute.
+    for module in [base.unet, *base.text_encoders]:
+        if stored is not None or (offload and module is base.unet):
+            store_weights(module, stored or PRECISION_NAMES[weight_dtype], weight_dtype)
+    if offload:
+        offload_weights(base.unet)
 
 
 @dataclass

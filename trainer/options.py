@@ -3,6 +3,7 @@ LoRA file's ``ss_*`` metadata and the typed view the trainer reads (``TrainSetti
 
 from ..data.options import DATA_OPTIONS, PROMPT_OPTIONS
 from ..options import Option, OptionSet
+from ..planner.options import MEMORY_OPTIONS
 from ..priors.options import PRIOR_OPTIONS
 
 # What the prior-preservation term is computed against (auto: class_images for subjects, off for styles).
@@ -54,6 +55,11 @@ TRAIN_OPTIONS = OptionSet(
            step=0.01),
     Option("min_snr_gamma", 0.0, "Min-SNR-γ weighting of timesteps (5 is the paper's value; 0 = off).", min=0.0,
            max=100.0, step=0.5, metadata_key="ss_min_snr_gamma"),
+    Option("mask_floor", 0.1, "Loss weight of the pixels outside a photo's mask (see --mask-source): 0 = only the "
+           "subject is learned, 1 = the mask has no effect. Photos without a mask count fully everywhere.",
+           min=0.0, max=1.0, step=0.05, metadata_key="dreambooth_lora.mask_floor"),
+    Option("mask_prior", False, "Also weight the prior loss by the photo's mask (with prior_preservation "
+           "base_model, whose prior rows are the photos under the class prompt; class images have no masks)."),
     Option("noise_offset", 0.0, "Add this much per-channel constant noise (0.05-0.1 lets the model learn very "
            "dark or bright images).", min=0.0, max=1.0, step=0.01, metadata_key="ss_noise_offset"),
     # --- optimizer and schedule
@@ -75,6 +81,7 @@ TRAIN_OPTIONS = OptionSet(
            "about 25% slower.", metadata_key="ss_gradient_checkpointing"),
     Option("cache_latents", True, "Encode every image with the VAE once before training (not possible with "
            "random crops, which change every step).", metadata_key="ss_cache_latents"),
+    *MEMORY_OPTIONS,  # base_precision, offload, fit_to_vram (planner/options.py)
     # --- reproducibility, saving, watching
     Option("seed", 0, "Everything random (order, noise, timesteps, dropout) follows from it: the same seed "
            "gives the same LoRA on the same machine.", min=0, max=2**31 - 1, metadata_key="ss_seed"),
@@ -89,6 +96,13 @@ TRAIN_OPTIONS = OptionSet(
     Option("validation_scales", "1.0", "LoRA scales for previews: '1.0', or a grid 'unet=0.5,1.0 te=0,1' over "
            "UNet × text-encoder scales (same seeds in every cell)."),
     Option("validation_steps", 20, "Sampler steps per preview image.", min=1, max=200),
+    Option("validation_loss_every", 50, "Every N steps (and at each checkpoint and the end), the loss on the "
+           "validation photos at fixed timesteps and noise, the same every time: the curve to read for over- "
+           "and under-fitting, and the criterion of `best --by validation_loss`. 0 = off.", min=0,
+           max=1_000_000),
+    Option("validation_holdout", 0, "Photos held out of training for the validation loss (chosen by the seed); "
+           "0 = measure it on the training photos (with very few photos nothing can be spared).", min=0,
+           max=100),
     # --- styles, new tokens (textual inversion / pivotal tuning)
     Option("mode", "subject", "subject: bind an identifier to one subject (DreamBooth). style: learn a style from "
            "varied, per-image captioned pictures (<name>.txt beside each); no class priors unless asked for, "

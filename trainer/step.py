@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..data.masks import loss_weights
 from ..errors import UserError
 from ..models.families import FAMILIES
 from ..runtime.peft import adapters_disabled
@@ -76,6 +77,20 @@ class JointForward:
     device: torch.device
     weight_dtype: torch.dtype
 
+    def predict(self, unet, rows: list[dict], latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                embed: CaptionEncoder, text_active: bool) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+        """(``unet``'s prediction, the noisy latents, SDXL's added conditioning) for ``rows``."""
+        weight_dtype = self.weight_dtype
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden, pooled = embed([row["caption"] for row in rows], text_active)
+        added = None
+        if FAMILIES[self.family].pooled_text:  # SDXL: pooled text and size conditioning
+            time_ids = to_device(torch.tensor([sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"])
+                                               for r in rows], dtype=weight_dtype), self.device)
+            added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids}
+        prediction = unet(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype), added_cond_kwargs=added).sample
+        return prediction, noisy, added
+
     def loss(self, rows: list[dict], settings, embed: CaptionEncoder, text_active: bool,
              generator: torch.Generator) -> LossParts:
         device, weight_dtype = self.device, self.weight_dtype
@@ -87,15 +102,7 @@ class JointForward:
         noise = to_device(noise, device)
         timesteps = to_device(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(rows),),
                                             generator=generator), device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden, pooled = embed([row["caption"] for row in rows], text_active)
-        added = None
-        if FAMILIES[self.family].pooled_text:  # SDXL: pooled text and size conditioning
-            time_ids = to_device(torch.tensor([sdxl_time_ids(r["original_size"], r["crop_top_left"], r["target_size"])
-                                               for r in rows], dtype=weight_dtype), device)
-            added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids}
-        prediction = self.unet_run(noisy.to(weight_dtype), timesteps, hidden.to(weight_dtype),
-                                   added_cond_kwargs=added).sample
+        prediction, noisy, added = self.predict(self.unet_run, rows, latents, noise, timesteps, embed, text_active)
         target = target_for(self.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
         n_instance = sum(not row["prior"] for row in rows)
         if settings.prior_preservation == "base_model":
@@ -107,8 +114,22 @@ class JointForward:
                 frozen = self.unet(noisy[n_instance:].to(weight_dtype), timesteps[n_instance:],
                                    base_hidden.to(weight_dtype), added_cond_kwargs=base_added).sample
             target = torch.cat([target[:n_instance], frozen.float()])
+        weights = mask_weights(rows, n_instance, settings.mask_floor, settings.mask_prior)
         return dreambooth_loss(prediction, target, timesteps, n_instance, self.alphas_cumprod, self.prediction_type,
-                               settings.prior_weight, settings.loss, settings.huber_delta, settings.min_snr_gamma)
+                               settings.prior_weight, settings.loss, settings.huber_delta, settings.min_snr_gamma,
+                               weights)
+
+
+def mask_weights(rows: list[dict], n_instance: int, floor: float, prior_too: bool) -> torch.Tensor | None:
+    """The rows' loss weights (N, 1, h, w), or None when no row is masked: 1 − (1 − floor)·(1 − mask)
+    on masked rows (exactly 1 where the mask is 1), 1 elsewhere. Prior rows are weighted only
+    with ``prior_too``."""
+    masks = [row.get("mask") if (i < n_instance or prior_too) else None for i, row in enumerate(rows)]
+    shaped = next((m for m in masks if m is not None), None)
+    if shaped is None:
+        return None
+    ones = torch.ones_like(shaped)
+    return torch.stack([ones if m is None else loss_weights(m, floor) for m in masks])
 
 
 def make_optimizer(settings, groups: list[dict], device: torch.device):

@@ -37,7 +37,8 @@ TRAIN_GROUPS = {
                                     "noise_offset", "prediction_type"),
     "Saving and previews": ("seed", "save_every", "keep_checkpoints", "validation_prompts", "validation_every",
                             "validation_scales", "validation_steps"),
-    "Speed and memory": ("mixed_precision", "gradient_checkpointing", "cache_latents"),
+    "Speed and memory": ("mixed_precision", "gradient_checkpointing", "cache_latents", "base_precision", "offload",
+                         "fit_to_vram"),
     "Styles and new tokens": ("mode", "new_tokens", "token_init", "token_lr", "token_steps_fraction",
                               "caption_template", "bundle_embeddings"),
 }
