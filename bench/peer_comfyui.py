@@ -78,7 +78,7 @@ def main() -> None:
     lists["latents"] = [{"samples": latent["samples"][i:i + 1]} for i in range(len(latent["samples"]))]
     with torch.inference_mode():
         result = TrainLoraNode.execute(**lists)
-    lora = result.result[1] if hasattr(result, "result") else result[1]
+    lora = result.result[1]  # io.NodeOutput: (model, lora, loss_map, steps)
     safetensors.torch.save_file({k: v.detach().contiguous() for k, v in lora.items()}, args.out)
     print(f"wrote {args.out}: {len(lora)} tensors", flush=True)
 

