@@ -10,10 +10,11 @@ from comfy_api.latest import ComfyExtension, io
 from .data import ClassPriors, InstanceImages, LoadBaseModel, SuggestIdentifier
 from .models import InspectCheckpoint
 from .sampling import Evaluate, LoRAGrid, LoRASampler
+from .shapes import ShapesSubject
 from .training import SaveLoRAStep, TrainDreamBoothLoRA
 
 NODES = [InspectCheckpoint, LoadBaseModel, InstanceImages, SuggestIdentifier, ClassPriors, TrainDreamBoothLoRA,
-         SaveLoRAStep, LoRASampler, LoRAGrid, Evaluate]
+         SaveLoRAStep, LoRASampler, LoRAGrid, Evaluate, ShapesSubject]
 
 
 class DreamBoothLoRAExtension(ComfyExtension):

@@ -8,6 +8,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io, ui
 
+from .. import shapes
 from ..data.options import DATA_OPTIONS, PROMPT_OPTIONS
 from ..identifiers.options import IDENTIFIER_OPTIONS
 from ..models.options import LOAD_OPTIONS
@@ -19,6 +20,21 @@ PRIOR_NODE_OPTIONS = ("class_prompt", "num_class_images", "negative_prompt", "st
                       "resolution")
 
 
+# The pack's own miniature base, offered beside the user's checkpoints so the shapes-world
+# workflow runs on a fresh install with nothing downloaded or copied.
+BUILTIN_BASE = "(built-in) " + shapes.BASE_NAME
+
+
+def checkpoint_choices() -> list[str]:
+    return folder_paths.get_filename_list("checkpoints") + [BUILTIN_BASE]
+
+
+def checkpoint_path(ckpt_name: str) -> str:
+    if ckpt_name == BUILTIN_BASE:
+        return str(shapes.base_path())
+    return folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+
+
 class LoadBaseModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -26,8 +42,10 @@ class LoadBaseModel(io.ComfyNode):
             node_id="DBLoRA_LoadBaseModel", display_name="Load Base Model (DreamBooth LoRA)", category=CATEGORY,
             description="Picks the Stable Diffusion checkpoint (SD1.x, SD2.x, SDXL) that the LoRA is trained on "
                         "and sampled with. Loaded lazily by the nodes that need it, offline.",
-            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                                   tooltip="A checkpoint from ComfyUI's models/checkpoints folder."),
+            inputs=[io.Combo.Input("ckpt_name", options=checkpoint_choices(),
+                                   tooltip=f"A checkpoint from ComfyUI's models/checkpoints folder, or {BUILTIN_BASE}: "
+                                           "the pack's 64 px shapes-world miniature (for the shapes example "
+                                           "workflow and quick trials)."),
                     *LOAD_OPTIONS.node_inputs(io),
                     io.String.Input("diffusers_folder", default="", optional=True,
                                     tooltip="A diffusers model folder (with model_index.json) under ComfyUI's "
@@ -45,7 +63,7 @@ class LoadBaseModel(io.ComfyNode):
                 return outside
             if not (paths.confined(diffusers_folder, "diffusers_folder") / "model_index.json").is_file():
                 return f"diffusers_folder: {diffusers_folder!r} has no model_index.json; give a diffusers model folder."
-        elif ckpt_name not in folder_paths.get_filename_list("checkpoints"):
+        elif ckpt_name not in checkpoint_choices():
             return f"ckpt_name: {ckpt_name!r} is not in ComfyUI's models/checkpoints folder."
         return LOAD_OPTIONS.node_problem({"dtype": dtype, "prediction_type": prediction_type}) or True
 
@@ -54,7 +72,7 @@ class LoadBaseModel(io.ComfyNode):
         if diffusers_folder.strip():
             path = str(paths.confined(diffusers_folder, "diffusers_folder"))
         else:
-            path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+            path = checkpoint_path(ckpt_name)
         return io.NodeOutput({"path": path, "dtype": dtype, "prediction_type": prediction_type})
 
 

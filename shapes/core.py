@@ -44,15 +44,9 @@ from ..sampling.session import SamplingSession
 from ..sampling.settings import SampleSettings
 from ..trainer.job import TrainJob
 from ..trainer.loop import train
-from . import world
+from . import base_path, world
 from .judge import Judge
 from .options import DEMO_OPTIONS
-
-
-def base_path() -> Path:
-    from .pretrain import default_path
-
-    return default_path()
 
 
 def subject_prompt(identifier: str, subject: world.Subject, background: str) -> str:

@@ -4,10 +4,20 @@ from ..options import Option, OptionSet
 from ..trainer.options import PRIOR_MODES
 from .world import SUBJECTS
 
+SUBJECT = Option("subject", "candy", "Which built-in subject to teach: candy (a red-and-white striped circle), tile "
+                 "(a yellow/blue split square), badge (a purple star with a yellow rim), domino (a green diamond "
+                 "with white dots). The base model has never seen any of these looks.", choices=tuple(SUBJECTS))
+
+# The ComfyUI node that renders a subject's training photos.
+PHOTO_OPTIONS = OptionSet(
+    SUBJECT,
+    Option("count", 5, "How many photos of the subject (the demo trains on 5).", min=1, max=64),
+    Option("seed", 0, "Where the subject sits in each photo and on which background (the demo's photos: 0).",
+           min=0, max=2**31 - 1),
+)
+
 DEMO_OPTIONS = OptionSet(
-    Option("subject", "candy", "Which built-in subject to teach: candy (a red-and-white striped circle), tile "
-           "(a yellow/blue split square), badge (a purple star with a yellow rim), domino (a green diamond with "
-           "white dots). The base model has never seen any of these looks.", choices=tuple(SUBJECTS)),
+    SUBJECT,
     Option("steps", 300, "Training steps (1 photo + 1 class image per step).", min=1, max=100_000),
     Option("learning_rate", 5e-4, "Learning rate of the UNet LoRA (LoCon: attention, convs, time embeddings).",
            min=0.0, max=1.0, step=1e-4),

@@ -288,7 +288,7 @@ def test_path_inputs_are_confined_unless_the_operator_allows_any(server, tmp_pat
 WORKFLOWS = REPO_ROOT / "tests" / "workflows"
 OUR_NODES = ("DBLoRA_InspectCheckpoint", "DBLoRA_LoadBaseModel", "DBLoRA_InstanceImages", "DBLoRA_SuggestIdentifier",
              "DBLoRA_ClassPriors", "DBLoRA_Train", "DBLoRA_SaveStep", "DBLoRA_Sampler", "DBLoRA_Grid",
-             "DBLoRA_Evaluate")
+             "DBLoRA_Evaluate", "DBLoRA_ShapesSubject")
 
 
 def _workflow(name: str, **changes) -> dict:
@@ -316,7 +316,7 @@ def test_every_node_is_published_with_its_inputs(server):
                 assert (spec[1] if len(spec) > 1 else {}).get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
-@pytest.mark.parametrize("name", ["train_subject", "stock_lora_sampling", "evaluate_lora"])
+@pytest.mark.parametrize("name", ["train_subject", "stock_lora_sampling", "evaluate_lora", "shapes_world"])
 def test_ui_workflows_say_what_their_api_copies_say(server, name):
     import workflow_format
 
@@ -360,6 +360,23 @@ def test_train_workflow_then_the_stock_lora_loader_uses_the_lora(server):
     assert images and (server.base / "output" / images[0]["filename"]).is_file()
     log = server.log().lower()
     assert "lora key not loaded" not in log and "error lora" not in log
+
+
+def test_shapes_workflow_trains_on_the_builtin_base(server):
+    """The shapes example as shipped, on a fresh install: the built-in base and subject, nothing in
+    models/checkpoints needed; only the step counts are cut for the test."""
+    from dreambooth_lora.shapes import BASE_NAME
+
+    small = {"4.num_class_images": 2, "4.steps": 2, "4.preview_count": 2, "5.steps": 2, "6.steps": 2}
+    prompt = _workflow("shapes_world", **small)
+    assert prompt["1"]["inputs"]["ckpt_name"] == f"(built-in) {BASE_NAME}"
+    entry = _wait_for(server, _queue(server, prompt), timeout=300)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages"), indent=1)[-3000:]
+    lora = server.base / "models" / "loras" / "shapes_candy.safetensors"
+    assert lora.is_file(), "the shapes workflow wrote no LoRA into models/loras"
+    assert len(entry["outputs"]["2"]["images"]) == 5  # the subject's photos, previewed
+    grid = entry["outputs"]["7"]["images"]
+    assert grid and (server.base / "temp" / grid[0]["subfolder"] / grid[0]["filename"]).is_file()
 
 
 def test_cancel_during_training_returns_to_idle_and_leaves_a_checkpoint(server):
@@ -423,7 +440,7 @@ def browser_page(server):
         browser.close()
 
 
-@pytest.mark.parametrize("name", ["train_subject", "stock_lora_sampling", "evaluate_lora"])
+@pytest.mark.parametrize("name", ["train_subject", "stock_lora_sampling", "evaluate_lora", "shapes_world"])
 def test_workflow_opens_in_the_frontend_without_missing_nodes(browser_page, artifacts, name):
     ui = json.loads((REPO_ROOT / "example_workflows" / f"{name}.json").read_text())
     result = browser_page.evaluate("""async (workflow) => {

@@ -20,6 +20,8 @@ UI_DIR = ROOT / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # The frontend gives these INT inputs an extra "control after generate" widget (fixed/randomize).
 SEED_NAMES = ("seed", "noise_seed")
+# Frontend-only nodes: shown on the canvas, never sent to the server.
+NOTE_TYPES = ("Note", "MarkdownNote")
 
 
 def _inputs(info: dict) -> list[tuple[str, str, dict]]:
@@ -42,7 +44,8 @@ def has_control(name: str, kind: str, options: dict) -> bool:
     return kind == "INT" and (options.get("control_after_generate") or name in SEED_NAMES)
 
 
-def to_ui(api: dict, object_info: dict) -> dict:
+def to_ui(api: dict, object_info: dict, note: str | None = None) -> dict:
+    """``note``: the text of a Note node placed above the graph (``<name>.note.txt`` beside the API copy)."""
     ids = sorted(api, key=int)
     links, nodes, link_id = [], [], 0
     incoming: dict[tuple[str, str], int] = {}
@@ -95,7 +98,12 @@ def to_ui(api: dict, object_info: dict) -> dict:
                       "size": [360, height], "flags": {}, "order": order, "mode": 0,
                       "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
-    return {"last_node_id": max(int(i) for i in ids), "last_link_id": link_id, "nodes": nodes, "links": links,
+    if note:
+        nodes.append({"id": max(int(i) for i in ids) + 1, "type": "Note", "pos": [40, column_y.get(0, 60)],
+                      "size": [360, 420],
+                      "flags": {}, "order": len(ids), "mode": 0, "inputs": [], "outputs": [],
+                      "properties": {}, "widgets_values": [note]})
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
@@ -104,6 +112,8 @@ def from_ui(ui: dict, object_info: dict) -> dict:
     by_link = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in NOTE_TYPES:
+            continue
         info = object_info[node["type"]]
         values = list(node.get("widgets_values") or [])
         linked = {i["name"]: by_link[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
@@ -128,7 +138,8 @@ def main(url: str) -> None:
         object_info = json.loads(response.read())
     UI_DIR.mkdir(exist_ok=True)
     for path in sorted(API_DIR.glob("*.api.json")):
-        ui = to_ui(json.loads(path.read_text()), object_info)
+        note = path.with_name(path.name.replace(".api.json", ".note.txt"))
+        ui = to_ui(json.loads(path.read_text()), object_info, note.read_text().strip() if note.is_file() else None)
         (UI_DIR / path.name.replace(".api.json", ".json")).write_text(json.dumps(ui, indent=1) + "\n")
         print(UI_DIR / path.name.replace(".api.json", ".json"))
 
