@@ -46,12 +46,14 @@ def parse_sweep(text: str, demo_options, train_options) -> list[dict]:
         try:
             option = owner[name]
         except KeyError:
-            raise SystemExit(f"--sweep: {name!r} is neither a demo option nor a trainer option") from None
+            raise SystemExit(f"error: --sweep: {name!r} is neither a demo option nor a trainer option; use a name "
+                             "from --help or from trainer/options.py") from None
         axes.append([(name, option.parse(v, f"--sweep {name}")) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 
 def main() -> int:
+    from dreambooth_lora.errors import UserError
     from dreambooth_lora.models.load import load_base_model
     from dreambooth_lora.identifiers.core import propose
     from dreambooth_lora.sampling.session import SamplingSession
@@ -68,7 +70,10 @@ def main() -> int:
     DEMO_OPTIONS.add_to_parser(parser)
     args = parser.parse_args()
     options = DEMO_OPTIONS.values(args)
-    configs = parse_sweep(args.sweep, DEMO_OPTIONS, TRAIN_OPTIONS)
+    try:
+        configs = parse_sweep(args.sweep, DEMO_OPTIONS, TRAIN_OPTIONS)
+    except UserError as error:  # one line, before anything is loaded
+        raise SystemExit(f"error: {error}") from None
     base_file = args.base or core.base_path()
     base = load_base_model(base_file, dtype="fp32")
     judge = Judge.load()

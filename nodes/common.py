@@ -10,6 +10,7 @@ import gc
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+CATEGORY = "DreamBooth LoRA"  # where ComfyUI lists every node of the pack
 BASE_TYPE = "DBLORA_BASE"  # a base-model handle: {"path", "dtype", "prediction_type"}
 DATASET_TYPE = "DBLORA_DATASET"  # {"dataset": InstanceDataset, "instance_prompt", "identifier", "class_word"}
 CLASS_IMAGES_TYPE = "DBLORA_CLASS_IMAGES"  # a folder of class images (str)

@@ -15,7 +15,6 @@ from ..models.options import LOAD_OPTIONS
 from ..priors.options import PRIOR_OPTIONS
 from . import common, paths
 
-CATEGORY = "DreamBooth LoRA"
 PRIOR_NODE_OPTIONS = ("class_prompt", "num_class_images", "negative_prompt", "steps", "guidance", "sampler", "seed",
                       "resolution")
 
@@ -39,7 +38,7 @@ class LoadBaseModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_LoadBaseModel", display_name="Load Base Model (DreamBooth LoRA)", category=CATEGORY,
+            node_id="DBLoRA_LoadBaseModel", display_name="Load Base Model (DreamBooth LoRA)", category=common.CATEGORY,
             description="Picks the Stable Diffusion checkpoint (SD1.x, SD2.x, SDXL) that the LoRA is trained on "
                         "and sampled with. Loaded lazily by the nodes that need it, offline.",
             inputs=[io.Combo.Input("ckpt_name", options=checkpoint_choices(),
@@ -80,7 +79,7 @@ class InstanceImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_InstanceImages", display_name="Subject Photos (DreamBooth LoRA)", category=CATEGORY,
+            node_id="DBLoRA_InstanceImages", display_name="Subject Photos (DreamBooth LoRA)", category=common.CATEGORY,
             description="The 3-20 photos of the subject: a folder (captions from <name>.txt beside each photo) or "
                         "an IMAGE batch. Every image is checked now: EXIF rotation, transparency, grayscale/CMYK/"
                         "16-bit and small images are handled; unusable files are skipped with their reason.",
@@ -146,7 +145,7 @@ class SuggestIdentifier(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DBLoRA_SuggestIdentifier", display_name="Suggest Identifier (DreamBooth LoRA)",
-            category=CATEGORY,
+            category=common.CATEGORY,
             description="Proposes rare single-token identifiers from CLIP's own vocabulary (not English words), "
                         "ranked by how little they change the model's reading of 'a photo of a <class>'.",
             inputs=[io.Custom(common.BASE_TYPE).Input("base", optional=True, tooltip="Rank by this model's text "
@@ -176,7 +175,7 @@ class ClassPriors(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_ClassPriors", display_name="Class Prior Images (DreamBooth LoRA)", category=CATEGORY,
+            node_id="DBLoRA_ClassPriors", display_name="Class Prior Images (DreamBooth LoRA)", category=common.CATEGORY,
             description="Makes (or reuses) the base model's own images of the bare class for prior preservation. "
                         "Cached per model, prompt and settings in ComfyUI's output folder: asking again makes only "
                         "the missing ones. Cancel keeps every finished image.",

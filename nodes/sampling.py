@@ -9,7 +9,6 @@ from ..evaluation.options import EVAL_OPTIONS
 from ..sampling.options import SAMPLE_OPTIONS
 from . import common, paths
 
-CATEGORY = "DreamBooth LoRA"
 
 
 def _lora_inputs() -> list:
@@ -73,7 +72,7 @@ class LoRASampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_Sampler", display_name="LoRA Sampler (DreamBooth LoRA)", category=CATEGORY,
+            node_id="DBLoRA_Sampler", display_name="LoRA Sampler (DreamBooth LoRA)", category=common.CATEGORY,
             description="Text to image with the base model and a LoRA at its own UNet and text-encoder scales "
                         "(changing them does not reload anything). Image i uses seed + i.",
             inputs=[io.Custom(common.BASE_TYPE).Input("base", tooltip="From Load Base Model."), *_lora_inputs(),
@@ -105,7 +104,7 @@ class LoRAGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_Grid", display_name="LoRA Scale Grid (DreamBooth LoRA)", category=CATEGORY,
+            node_id="DBLoRA_Grid", display_name="LoRA Scale Grid (DreamBooth LoRA)", category=common.CATEGORY,
             description="One labelled image over two settings, e.g. UNet scale × text-encoder scale or UNet scale "
                         "× guidance, with the same seed in every cell.",
             inputs=[io.Custom(common.BASE_TYPE).Input("base", tooltip="From Load Base Model."), *_lora_inputs(),
@@ -160,7 +159,7 @@ class Evaluate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_Evaluate", display_name="Evaluate DreamBooth LoRA", category=CATEGORY,
+            node_id="DBLoRA_Evaluate", display_name="Evaluate DreamBooth LoRA", category=common.CATEGORY,
             description="The DreamBooth paper's metrics: DINO and CLIP-I (subject fidelity against the real "
                         "photos), CLIP-T (prompt fidelity), DIV. Evaluator models come from local paths only.",
             inputs=[io.Image.Input("generated", tooltip="Images made with the LoRA."),

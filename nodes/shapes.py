@@ -7,14 +7,11 @@ from comfy_api.latest import io, ui
 from ..shapes.options import PHOTO_OPTIONS
 from . import common
 
-CATEGORY = "DreamBooth LoRA"
-
-
 class ShapesSubject(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_ShapesSubject", display_name="Shapes World Subject (DreamBooth LoRA)", category=CATEGORY,
+            node_id="DBLoRA_ShapesSubject", display_name="Shapes World Subject (DreamBooth LoRA)", category=common.CATEGORY,
             description="Renders the training photos of one of the built-in shapes-world subjects (what "
                         "`dreambooth-lora demo` trains on): 64 px photos on a few backgrounds, their captions "
                         "and masks. Feed them to Subject Photos and train on the built-in base model.",
@@ -32,14 +29,14 @@ class ShapesSubject(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject: str, count: int, seed: int) -> io.NodeOutput:
-        import numpy as np
         import torch
 
         from ..shapes import world
+        from ..shapes.core import photo_caption
 
         chosen = world.SUBJECTS[subject]
         scenes = world.subject_photos(chosen, count, seed)
         images = common.images_to_tensor([world.render(s) for s in scenes])
-        masks = torch.from_numpy(np.stack([np.asarray(world.render_mask(s), dtype=np.float32) / 255.0 for s in scenes]))
-        captions = "\n".join(f"a photo of a {{id}} {{class}} on a {s.background} background" for s in scenes)
+        masks = torch.from_numpy(world.render_masks(scenes))
+        captions = "\n".join(photo_caption(s) for s in scenes)
         return io.NodeOutput(images, captions, masks, chosen.look.shape, ui=ui.PreviewImage(images, cls=cls))

@@ -16,14 +16,13 @@ from comfy_api.latest import io, ui
 from ..trainer.options import CLASS_OPTIONS, TRAIN_OPTIONS
 from . import common
 
-CATEGORY = "DreamBooth LoRA"
 
 
 class TrainDreamBoothLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="DBLoRA_Train", display_name="Train DreamBooth LoRA", category=CATEGORY,
+            node_id="DBLoRA_Train", display_name="Train DreamBooth LoRA", category=common.CATEGORY,
             description="Trains a LoRA that binds the identifier to the subject, with prior preservation, and "
                         "saves it (kohya/A1111 format) into ComfyUI's loras folder, where the stock LoraLoader "
                         "lists it. With new_tokens it also learns new token embeddings (style mode: pivotal "
@@ -122,7 +121,7 @@ class SaveLoRAStep(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DBLoRA_SaveStep", display_name="Save LoRA of a Training Step (DreamBooth LoRA)",
-            category=CATEGORY,
+            category=common.CATEGORY,
             description="Copies the LoRA of one saved checkpoint of a training run (e.g. the step Evaluate or "
                         "a grid liked best) into models/loras under a new name, for the stock LoraLoader.",
             inputs=[io.String.Input("lora_name", default="dreambooth_lora.safetensors", force_input=True,

@@ -57,15 +57,20 @@ def class_prompt(subject: world.Subject) -> str:
     return f"a photo of a {subject.look.shape}"
 
 
+def photo_caption(scene: world.Scene) -> str:
+    """A training photo's caption; the dataset stage fills ``{id}`` and ``{class}`` in, as for a
+    user's own captions."""
+    return f"a photo of a {{id}} {{class}} on a {scene.background} background"
+
+
 def write_photos(subject: world.Subject, folder: Path, count: int = 5, seed: int = 0) -> list[Path]:
-    """The subject's training photos as PNGs, each with a caption file (``{id}`` is filled by
-    the dataset stage, as for a user's own captions)."""
+    """The subject's training photos as PNGs, each with its ``photo_caption`` in a .txt beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, scene in enumerate(world.subject_photos(subject, count, seed)):
         path = folder / f"{subject.name}-{index}.png"
         world.render(scene).save(path)
-        path.with_suffix(".txt").write_text(f"a photo of a {{id}} {{class}} on a {scene.background} background\n")
+        path.with_suffix(".txt").write_text(photo_caption(scene) + "\n")
         paths.append(path)
     return paths
 

@@ -199,6 +199,11 @@ def render_many(scenes: list[Scene]) -> np.ndarray:
     return np.stack([np.asarray(render(s)) for s in scenes])
 
 
+def render_masks(scenes: list[Scene]) -> np.ndarray:
+    """float32 array (N, 64, 64) in [0, 1]: each scene's ``render_mask``."""
+    return np.stack([np.asarray(render_mask(s), dtype=np.float32) / 255.0 for s in scenes])
+
+
 # --- the DreamBooth subjects ------------------------------------------------------------
 
 
