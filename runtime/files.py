@@ -192,3 +192,12 @@ def fingerprint(path: str | Path) -> str:
                 handle.seek(max(0, size * index // _FINGERPRINT_SAMPLES))
                 digest.update(handle.read(_SAMPLE_BYTES))
     return digest.hexdigest()[:16]
+
+
+def file_stamp(path) -> tuple[int, int] | None:
+    """What tells a rewritten file from the one read before (modification time, size); None if absent."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    info = path.stat()
+    return info.st_mtime_ns, info.st_size

@@ -19,6 +19,7 @@ from ..converters.keys import canonical_path
 from ..converters.structure import structure_of_base
 from ..errors import UserError
 from ..models.families import FAMILIES
+from ..runtime.files import file_stamp
 from ..trainer.checkpoint import lora_display_name
 
 
@@ -84,20 +85,24 @@ class LoraPatcher:
             for path, child in module.named_modules():
                 if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
                     self.layers[(component, canonical_path(component, path))] = child
-        self.adapters: dict[str, Any] = {}  # resolved path → converters.Adapter
+        self.adapters: dict[str, tuple] = {}  # resolved path → (its file_stamp, converters.Adapter)
         self.originals: dict[tuple[str, str], torch.Tensor] = {}  # W₀ of every layer ever patched (CPU)
         self.applied: tuple = ()
 
     def adapter(self, path: str):
         key = str(Path(path).expanduser().resolve())
-        if key not in self.adapters:
-            if not Path(key).is_file():
-                raise UserError(f"{path}: no such LoRA file.")
-            self.adapters[key] = load_adapter(key, self.structure)
-        return self.adapters[key]
+        if not Path(key).is_file():
+            raise UserError(f"{path}: no such LoRA file.")
+        # Keyed on the file's stamp too: a LoRA retrained under the same name must not be
+        # sampled with the weights read before.
+        stamp = file_stamp(key)
+        if key not in self.adapters or self.adapters[key][0] != stamp:
+            self.adapters[key] = (stamp, load_adapter(key, self.structure))
+        return self.adapters[key][1]
 
     def apply(self, loras: Sequence[LoraChoice]) -> None:
-        wanted = tuple((str(Path(c.path).expanduser().resolve()), c.unet_scale, c.te_scale) for c in loras)
+        wanted = tuple((str(Path(c.path).expanduser().resolve()), file_stamp(c.path), c.unet_scale, c.te_scale)
+                       for c in loras)
         if wanted == self.applied:
             return
         per_layer: dict[tuple[str, str], list] = {}

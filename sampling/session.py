@@ -20,7 +20,7 @@ import torch
 
 from ..converters.embeddings import read_embedding
 from ..errors import UserError
-from ..runtime.files import fingerprint, write_png
+from ..runtime.files import file_stamp, fingerprint, write_png
 from ..runtime.parameters import HASH_LENGTH
 from ..runtime.pipeline import Conditioning, check_sampler, generate, make_pipeline, to_image
 from ..runtime.text import encode_base_prompt, windows_for
@@ -46,7 +46,7 @@ class SamplingSession:
         self.model_hash = fingerprint(model_path)[:HASH_LENGTH] if model_path and Path(model_path).exists() else "unknown"
         self.patcher = LoraPatcher(base)
         self.pipelines: dict[str, Any] = {}
-        self._lora_hashes: dict[str, str] = {}
+        self._lora_hashes: dict[str, tuple] = {}  # resolved path → (its file_stamp, short hash)
         self.embeddings: dict[str, Any] = {}  # name → (converters.embeddings.Embedding, its internal token text)
         self._embedding_files: dict[str, str] = {}  # resolved path → name
 
@@ -57,7 +57,7 @@ class SamplingSession:
         (A1111) or the tokens it was trained as (``<s1><s2>``): its vectors become tokens of
         their own in each tokenizer and text encoder (nothing else changes)."""
         key = str(Path(path).expanduser().resolve())
-        stamp = (Path(key).stat().st_mtime_ns, Path(key).stat().st_size) if Path(key).is_file() else None
+        stamp = file_stamp(key)
         if key in self._embedding_files and self._embedding_files[key][1] == stamp:
             return self.embeddings[self._embedding_files[key][0]][0]  # unchanged since it was loaded
         dims = [e.get_input_embeddings().embedding_dim for e in self.base.text_encoders]
@@ -105,9 +105,10 @@ class SamplingSession:
 
     def lora_hash(self, path: str) -> str:
         key = str(Path(path).expanduser().resolve())
-        if key not in self._lora_hashes:
-            self._lora_hashes[key] = fingerprint(key)[:HASH_LENGTH]
-        return self._lora_hashes[key]
+        stamp = file_stamp(key)
+        if key not in self._lora_hashes or self._lora_hashes[key][0] != stamp:
+            self._lora_hashes[key] = (stamp, fingerprint(key)[:HASH_LENGTH])
+        return self._lora_hashes[key][1]
 
     def without_loras(self):
         """The loaded base model with every LoRA taken off (its own weights, for class priors)."""

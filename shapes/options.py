@@ -4,7 +4,7 @@ from ..options import Option, OptionSet
 from ..trainer.options import PRIOR_MODES
 from .world import SUBJECTS
 
-SUBJECT = Option("subject", "candy", "Which built-in subject to teach: candy (a red-and-white striped circle), tile "
+SUBJECT = Option("subject", "badge", "Which built-in subject to teach: candy (a red-and-white striped circle), tile "
                  "(a yellow/blue split square), badge (a purple star with a yellow rim), domino (a green diamond "
                  "with white dots). The base model has never seen any of these looks.", choices=tuple(SUBJECTS))
 

@@ -2,10 +2,9 @@
 
     python -m dreambooth_lora.shapes.pretrain --out NEW.safetensors
 
-(The shipped file was made by the earlier recipe: 600 VAE steps on whole scenes, no Min-SNR; its
-exact commands and times are in its ``shapes.pretraining`` metadata and in bench/RESULTS.md.
-The v2 recipe here — VAE on object-weighted 32 px crops with an edge term, decoder polished on
-whole scenes, Min-SNR-γ 5 — is not shipped yet: issue #17.)
+(The shipped file was made by this recipe in two commands — the VAE, its whole-scene decoder
+polish and 6000 UNet steps, then 2000 more UNet steps with offset noise; the exact commands,
+times and machine are in its ``shapes.pretraining`` metadata and in bench/RESULTS.md.)
 
 The result has the SD1.x architecture end to end — AutoencoderKL, CLIP text encoder with the
 real CLIP tokenizer, UNet2DConditionModel with cross-attention — at small widths, and is
@@ -13,13 +12,15 @@ written as one single-file checkpoint in the real SD1.5 key layout, so every par
 pack (loader, trainer, exporter, sampler, ComfyUI) treats it like any SD1.5 file.
 
 Three phases, each seeded:
-1. the VAE learns to reconstruct 64 px scenes, patterned objects included (a real VAE has seen
-   everything; the UNet has not), then its latents are rescaled inside its own weights so SD's
-   scaling factor 0.18215 gives them unit spread;
+1. the VAE learns to reconstruct scenes, patterned objects included (a real VAE has seen
+   everything; the UNet has not), on object-weighted 32 px crops with an edge term (stripes, rims
+   and dots are what a plain MSE gives up first); its latents are rescaled inside its own weights
+   so SD's scaling factor 0.18215 gives them unit spread, and its decoder is polished on whole
+   64 px scenes (pretrain_vae.py);
 2. the text encoder and UNet learn together on *solid* objects only, with captions whose colour
    and background parts are dropped at random (so ``a photo of a circle`` — a class prompt — is
-   meaningful) and 10 % empty captions (for classifier-free guidance); an EMA of the weights is
-   what ships;
+   meaningful) and 10 % empty captions (for classifier-free guidance), Min-SNR-γ weighting and
+   offset noise; an EMA of the weights is what ships;
 3. the file is written (fp16, ModelSpec metadata with the command, time and machine).
 """
 
@@ -101,8 +102,8 @@ def caption_variants(scene: world.Scene) -> list[str]:
 
 
 def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, pool: int = 24000,
-                    lr: float = 5e-4, ema_decay: float = 0.999, min_snr_gamma: float = 5.0, on_checkpoint=None,
-                    every: int = 1000) -> dict:
+                    lr: float = 5e-4, ema_decay: float = 0.999, min_snr_gamma: float = 5.0, noise_offset: float = 0.0,
+                    on_checkpoint=None, every: int = 1000) -> dict:
     rng = random.Random(f"unet:{seed}")
     scenes = [world.random_scene(rng) for _ in range(pool)]
     started = time.perf_counter()
@@ -139,6 +140,11 @@ def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, poo
         ids = torch.stack([ids_of[variants[i][p]] for i, p in zip(index.tolist(), picks.tolist())])
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
+        if noise_offset:
+            # Offset noise (Guttenberg, 2023): SD's schedule leaves the mean of a latent almost
+            # untouched at t = T, so without this a sampler started from zero-mean noise cannot
+            # move it, and at 16×16 the mean *is* the solid background's colour.
+            noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -167,6 +173,7 @@ def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, poo
             p.copy_(e)
     unet.eval(), text.eval()
     return {"unet_steps": steps, "unet_batch": batch, "unet_lr": lr, "unet_min_snr_gamma": min_snr_gamma,
+            "unet_noise_offset": noise_offset,
             "unet_final_loss": float(np.mean(losses[-500:])),
             "unet_seconds": round(time.perf_counter() - started, 1)}
 
@@ -222,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                              "or 32 px crops (what the VAE phase trains on)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the text encoder + UNet")
     parser.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR-γ loss weighting (0 = off)")
+    parser.add_argument("--noise-offset", type=float, default=0.1,
+                        help="offset noise of the UNet phase (0 = off): lets the sampler set a solid background's colour")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         record.update(polish_decoder(vae, args.polish_steps, args.seed, crop=args.polish_crop))
     if args.unet_steps:
         record.update(train_diffusion(vae, unet, text, args.unet_steps, args.seed, lr=args.lr,
-                                      min_snr_gamma=args.min_snr_gamma, on_checkpoint=on_checkpoint,
+                                      min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset, on_checkpoint=on_checkpoint,
                                       every=args.checkpoint_every))
     record["vae_fidelity"] = reconstruction_fidelity(vae)
     say(f"VAE fidelity: {json.dumps(record['vae_fidelity'])}")

@@ -372,7 +372,7 @@ def test_shapes_workflow_trains_on_the_builtin_base(server):
     assert prompt["1"]["inputs"]["ckpt_name"] == f"(built-in) {BASE_NAME}"
     entry = _wait_for(server, _queue(server, prompt), timeout=300)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"].get("messages"), indent=1)[-3000:]
-    lora = server.base / "models" / "loras" / "shapes_candy.safetensors"
+    lora = server.base / "models" / "loras" / "shapes_badge.safetensors"
     assert lora.is_file(), "the shapes workflow wrote no LoRA into models/loras"
     assert len(entry["outputs"]["2"]["images"]) == 5  # the subject's photos, previewed
     grid = entry["outputs"]["7"]["images"]

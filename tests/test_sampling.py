@@ -72,6 +72,25 @@ def test_same_seed_same_image_and_scales_change_without_reloading(sd1):
     assert np.abs(together[0] - together[1]).mean() > 10, "two seeds, two images"
 
 
+def test_a_lora_rewritten_under_the_same_name_is_read_again(tiny, tmp_path):
+    """Retraining to the same file name (what a ComfyUI graph does on every queue) must sample the
+    new weights, not those a session read before; and its hash in the PNG parameters is the new one."""
+    base_path = tiny["sd1-tiny"]
+    lora = tmp_path / "subject.safetensors"
+    random_lora_file(base_path, lora, seed=0)
+    session = SamplingSession(load_base_model(base_path), base_path)
+    settings = SampleSettings(prompt="a photo of sks dog", seed=3, steps=3, width=64, height=64,
+                              loras=[LoraChoice(str(lora), 1.0, 1.0)])
+    first, first_hash = pixels(session.sample(settings)), session.lora_hash(str(lora))
+    random_lora_file(base_path, tmp_path / "retrained.safetensors", seed=1)
+    (tmp_path / "retrained.safetensors").replace(lora)  # as the durable writer puts a new file in place
+    second = pixels(session.sample(settings))
+    fresh = SamplingSession(load_base_model(base_path), base_path)
+    assert not np.array_equal(first, second)
+    assert np.array_equal(second, pixels(fresh.sample(settings)))
+    assert session.lora_hash(str(lora)) == fresh.lora_hash(str(lora)) != first_hash
+
+
 def test_unet_and_text_encoder_scales_act_separately(sd1):
     base_path, lora = sd1
     base = load_base_model(base_path)

@@ -58,6 +58,17 @@ def test_shipped_files_fit_the_budget_and_load_at_64_px(base):
     assert record["command"].startswith("python -m dreambooth_lora.shapes.pretrain") and not record.get("partial")
 
 
+def test_vae_keeps_the_subjects_patterns(base):
+    """The judge's look cosine between renders and their reconstructions (24 held-out photos per
+    subject, 96 random patterned looks): the stripes, rims, dots and split squares survive."""
+    from dreambooth_lora.shapes.pretrain_vae import reconstruction_fidelity
+
+    fidelity = reconstruction_fidelity(base.vae)
+    print("VAE fidelity:", fidelity)
+    assert all(group["look_cosine"] > VAE_COSINE for group in fidelity.values()), fidelity
+    assert all(group["mse"] < VAE_MSE for group in fidelity.values()), fidelity
+
+
 def _metadata(path):
     from safetensors import safe_open
 
@@ -135,14 +146,19 @@ def test_prior_preservation_keeps_the_class_and_its_diversity(tmp_path, base, ju
 
 
 # Calibrated thresholds (see the docstrings above and bench/RESULTS.md).
-# Measured on the shipped base: class 0.69, colour 0.60, background 0.40 (chance 0.17, 0.125, 0.14);
-# each threshold is about 0.15 under its measurement and at least twice chance.
-SHAPE_RATE, COLOR_RATE, BACKGROUND_RATE = 0.5, 0.45, 0.28
-# Measured with the demo's defaults (candy, 300 steps, 24 images per measure): SUBJ 0.43 with prior
-# preservation vs 0.28 for the base (+0.15, asserted +0.08); PROMPT 0.50 vs the base's 0.54 (asserted:
-# at most 0.15 below); PRES 0.17 with vs 0.29 without (gap 0.125 = 3 of 24 images, asserted 0.06: one
-# image may flip on another machine); DIV 0.87 with vs 0.60 without (gap 0.27, asserted 0.12).
-SUBJ_GAIN, PROMPT_LOSS, PRES_GAP, DIV_GAP = 0.08, 0.15, 0.06, 0.12
+# Measured on the shipped base (guidance 4, 20 DDIM steps): class 0.854, colour 1.000, background
+# 0.417 (chance 0.17, 0.125, 0.14); class and colour asserted 0.15 under (7 images of 48), the
+# background 0.14 under and twice chance.
+SHAPE_RATE, COLOR_RATE, BACKGROUND_RATE = 0.7, 0.85, 0.28
+# The VAE (24 photos per subject, 96 random looks): lowest look cosine 0.910 (domino; candy 0.971,
+# tile 0.997, badge 0.983, random 0.974), highest MSE 0.0084 (candy); asserted 0.85 and 0.015.
+VAE_COSINE, VAE_MSE = 0.85, 0.015
+# Measured with the demo's defaults (badge, 300 steps, 24 images per measure): SUBJ 0.271 with prior
+# preservation vs −0.006 for the base (+0.277, asserted +0.15); PROMPT 0.292 vs the base's 0.208
+# (asserted: at most 0.09 below, a margin of 4 images); PRES 0.292 with vs 0.458 without (gap 0.167
+# = 4 of 24 images, asserted 0.06: 2.5 images of margin); DIV 0.619 with vs 0.343 without (gap
+# 0.276, asserted 0.15).
+SUBJ_GAIN, PROMPT_LOSS, PRES_GAP, DIV_GAP = 0.15, 0.09, 0.06, 0.15
 
 
 def test_demo_names_a_bad_out_folder(tmp_path, capsys):
@@ -152,3 +168,12 @@ def test_demo_names_a_bad_out_folder(tmp_path, capsys):
     target.write_text("not a folder")
     assert main(["demo", "--out", str(target)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {target}: is a file; give --out a folder (it is created if missing)."
+
+
+def test_stock_comfyui_loader_cannot_detect_the_shapes_base(comfy):
+    """Why the shapes_world workflow (and its note) loads with the pack's node: ComfyUI's own
+    checkpoint loader, which CheckpointLoaderSimple calls, cannot place an SD1 this narrow."""
+    import comfy.sd
+
+    with pytest.raises(RuntimeError, match="Could not detect model type"):
+        comfy.sd.load_checkpoint_guess_config(str(core.base_path()), output_vae=True, output_clip=True)
