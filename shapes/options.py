@@ -18,7 +18,7 @@ PHOTO_OPTIONS = OptionSet(
 
 DEMO_OPTIONS = OptionSet(
     SUBJECT,
-    Option("steps", 300, "Training steps (1 photo + 1 class image per step).", min=1, max=100_000),
+    Option("steps", 600, "Training steps (1 photo + 1 class image per step).", min=1, max=100_000),
     Option("learning_rate", 5e-4, "Learning rate of the UNet LoRA (LoCon: attention, convs, time embeddings).",
            min=0.0, max=1.0, step=1e-4),
     Option("rank", 8, "LoRA rank.", min=1, max=256),
