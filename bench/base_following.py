@@ -25,14 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))
 
 
 def main() -> int:
-    import numpy as np
     import torch
 
     from dreambooth_lora.models.load import load_base_model
     from dreambooth_lora.sampling.session import SamplingSession
     from dreambooth_lora.sampling.settings import SampleSettings
-    from dreambooth_lora.shapes import base_path, world
-    from dreambooth_lora.shapes.judge import HEADS, Judge
+    from dreambooth_lora.shapes import base_path, core, world
+    from dreambooth_lora.shapes.judge import Judge
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=base_path(), help="a shapes base (default: the built-in one)")
@@ -49,15 +48,9 @@ def main() -> int:
 
     chance = {"shape": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS), "background": 1 / len(world.BACKGROUNDS)}
     for number, guidance in enumerate(float(g) for g in args.guidance.split(",")):
-        started, rng, asked, images = time.perf_counter(), random.Random(5), [], []
-        for shape in world.CLASSES:
-            for color in world.COLORS:
-                background = rng.choice(list(world.BACKGROUNDS))
-                images += sample(f"a photo of a {color} {shape} on a {background} background", len(images), guidance)
-                asked.append({"shape": shape, "color": color, "background": background})
-        rate = {head: float(np.mean([seen == a[head] for seen, a in zip(judge.labels(images, head), asked)]))
-                for head in HEADS}
-        print(f"guidance {guidance}: " + ", ".join(f"{h} {rate[h]:.3f} ({rate[h] / chance[h]:.1f}× chance)" for h in HEADS)
+        started = time.perf_counter()
+        rate, images = core.prompt_following(session, judge, guidance)
+        print(f"guidance {guidance}: " + ", ".join(f"{h} {rate[h]:.3f} ({rate[h] / chance[h]:.1f}× chance)" for h in rate)
               + f" ({time.perf_counter() - started:.0f} s)")
         if args.grid and number == 0:
             from PIL import Image

@@ -10,7 +10,6 @@ from ..sampling.options import SAMPLE_OPTIONS
 from . import common, paths
 
 
-
 def _lora_inputs() -> list:
     return [io.Combo.Input("lora_name", options=["(none)"] + folder_paths.get_filename_list("loras"),
                            tooltip="A LoRA from ComfyUI's models/loras folder (any kohya/A1111, LyCORIS, PEFT or "

@@ -7,6 +7,7 @@ from comfy_api.latest import io, ui
 from ..shapes.options import PHOTO_OPTIONS
 from . import common
 
+
 class ShapesSubject(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -17,7 +17,6 @@ from ..trainer.options import CLASS_OPTIONS, TRAIN_OPTIONS
 from . import common
 
 
-
 class TrainDreamBoothLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

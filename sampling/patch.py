@@ -91,11 +91,11 @@ class LoraPatcher:
 
     def adapter(self, path: str):
         key = str(Path(path).expanduser().resolve())
-        if not Path(key).is_file():
-            raise UserError(f"{path}: no such LoRA file.")
         # Keyed on the file's stamp too: a LoRA retrained under the same name must not be
         # sampled with the weights read before.
         stamp = file_stamp(key)
+        if stamp is None:
+            raise UserError(f"{path}: no such LoRA file.")
         if key not in self.adapters or self.adapters[key][0] != stamp:
             self.adapters[key] = (stamp, load_adapter(key, self.structure))
         return self.adapters[key][1]

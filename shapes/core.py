@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,24 @@ class DemoResult:
     identifier: str
     rows: dict[str, dict[str, float]]  # "base" / "dreambooth" / "real" → metrics
     seconds: dict[str, float]
+
+
+def prompt_following(session, judge: Judge, guidance: float = 4.0, steps: int = 20) -> tuple[dict, list]:
+    """How well a base follows its prompts: every class × colour once (48 prompts, a random
+    background each, seed = the prompt's index, DDIM), and the share of images in which the judge
+    sees the class, colour and background asked for. Returns (rates by head, the images)."""
+    rng, asked, images = random.Random(5), [], []
+    for shape in world.CLASSES:
+        for color in world.COLORS:
+            background = rng.choice(list(world.BACKGROUNDS))
+            settings = SampleSettings(prompt=f"a photo of a {color} {shape} on a {background} background",
+                                      seed=len(images), steps=steps, guidance=guidance, width=world.SIZE,
+                                      height=world.SIZE, sampler="ddim")
+            images += [s.image for s in session.sample(settings)]
+            asked.append({"shape": shape, "color": color, "background": background})
+    rates = {head: float(np.mean([seen == a[head] for seen, a in zip(judge.labels(images, head), asked)]))
+             for head in ("shape", "color", "background")}
+    return rates, images
 
 
 def make_priors(base, base_file: str | Path, subject: world.Subject, folder: Path, options: Mapping[str, Any]):

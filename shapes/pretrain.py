@@ -47,7 +47,8 @@ from ..models.save import to_single_file
 from ..runtime.files import write_safetensors
 from ..runtime.text import encode_ids
 from . import base_path, world
-from .pretrain_vae import _pixels, fold_latent_scale, polish_decoder, reconstruction_fidelity, say, train_vae
+from .judge import to_pixels
+from .pretrain_vae import fold_latent_scale, polish_decoder, reconstruction_fidelity, say, train_vae
 
 FAMILY = "sd1"
 SCALING = 0.18215  # SD1's VAE scaling factor: the loader uses the family's value
@@ -64,11 +65,6 @@ UNET_CONFIG = {"block_out_channels": [32, 64, 128], "layers_per_block": 1, "atte
                "cross_attention_dim": TEXT_CONFIG["hidden_size"], "sample_size": world.SIZE // 4,
                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
-
-
-def default_path() -> Path:
-    """Where the pack ships the base model."""
-    return base_path()
 
 
 def build_modules(seed: int):
@@ -110,7 +106,7 @@ def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, poo
     latents = []
     with torch.no_grad():
         for start in range(0, pool, 500):
-            pixels = _pixels(world.render_many(scenes[start:start + 500]))
+            pixels = to_pixels(world.render_many(scenes[start:start + 500]))
             latents.append(vae.encode(pixels).latent_dist.mean * SCALING)
     latents = torch.cat(latents)
     tokenizer = make_tokenizer("<|endoftext|>")
@@ -173,8 +169,7 @@ def train_diffusion(vae, unet, text, steps: int, seed: int, batch: int = 32, poo
             p.copy_(e)
     unet.eval(), text.eval()
     return {"unet_steps": steps, "unet_batch": batch, "unet_lr": lr, "unet_min_snr_gamma": min_snr_gamma,
-            "unet_noise_offset": noise_offset,
-            "unet_final_loss": float(np.mean(losses[-500:])),
+            "unet_noise_offset": noise_offset, "unet_final_loss": float(np.mean(losses[-500:])),
             "unet_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -214,7 +209,7 @@ def write_checkpoint(vae, unet, text, path: Path, record: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_lora.shapes.pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=default_path(), help="the checkpoint to write")
+    parser.add_argument("--out", type=Path, default=base_path(), help="the checkpoint to write")
     parser.add_argument("--vae-steps", type=int, default=3000, help="VAE optimizer steps (batch 32 crops of 32 px)")
     parser.add_argument("--unet-steps", type=int, default=6000, help="text encoder + UNet steps (batch 32)")
     parser.add_argument("--checkpoint-every", type=int, default=1000,
@@ -248,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         record.update(train_vae(vae, args.vae_steps, args.seed))
         rng = random.Random(f"scale:{args.seed}")
-        probe = _pixels(world.render_many([world.random_scene(rng) for _ in range(512)]))
+        probe = to_pixels(world.render_many([world.random_scene(rng) for _ in range(512)]))
         record["latent_fold"] = round(fold_latent_scale(vae, probe), 4)
     def on_checkpoint(step: int, progress: dict) -> None:
         path = write_checkpoint(vae, unet, text, args.out, {**record, **progress, "partial": True})
@@ -257,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         record.update(polish_decoder(vae, args.polish_steps, args.seed, crop=args.polish_crop))
     if args.unet_steps:
         record.update(train_diffusion(vae, unet, text, args.unet_steps, args.seed, lr=args.lr,
-                                      min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset, on_checkpoint=on_checkpoint,
-                                      every=args.checkpoint_every))
+                                      min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+                                      on_checkpoint=on_checkpoint, every=args.checkpoint_every))
     record["vae_fidelity"] = reconstruction_fidelity(vae)
     say(f"VAE fidelity: {json.dumps(record['vae_fidelity'])}")
     record["total_seconds"] = round(time.perf_counter() - started, 1)

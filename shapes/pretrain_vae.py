@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from . import world
 from .judge import Judge, to_pixels
 
-_pixels = to_pixels  # uint8 (N, 64, 64, 3) renders → (N, 3, 64, 64) in [-1, 1]
-
 
 def say(text: str) -> None:
     print(text, flush=True)
@@ -78,7 +76,7 @@ def train_vae(vae, steps: int, seed: int, batch: int = 32, crop: int = 32, pool:
     samples for the same time), scenes of ``mixed_look``: half solid, half patterned."""
     rng = random.Random(f"vae:{seed}")
     scenes = [world.random_scene(rng, world.mixed_look(rng, i)) for i in range(pool)]
-    images, weights = _pixels(world.render_many(scenes)), 1 + (OBJECT_WEIGHT - 1) * _masks(scenes)
+    images, weights = to_pixels(world.render_many(scenes)), 1 + (OBJECT_WEIGHT - 1) * _masks(scenes)
     generator = torch.Generator().manual_seed(seed)
     vae.train()
     started = time.perf_counter()
@@ -110,7 +108,7 @@ def reconstruction_fidelity(vae, seed: int = 1, per_subject: int = 24) -> dict:
     out = {}
     for name, scenes in groups.items():
         renders = world.render_many(scenes)
-        pixels = _pixels(renders)
+        pixels = to_pixels(renders)
         recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
         decoded = ((recon.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
         cosine = F.cosine_similarity(judge.looks(renders), judge.looks(decoded))
@@ -143,7 +141,7 @@ def polish_decoder(vae, steps: int, seed: int, crop: int = 64, scenes_per_step: 
     batch = scenes_per_step * (world.SIZE // crop) ** 2
     rng = random.Random(f"polish:{seed}")
     scenes = [world.random_scene(rng, world.mixed_look(rng, i)) for i in range(pool)]
-    images, weights = _pixels(world.render_many(scenes)), 1 + (OBJECT_WEIGHT - 1) * _masks(scenes)
+    images, weights = to_pixels(world.render_many(scenes)), 1 + (OBJECT_WEIGHT - 1) * _masks(scenes)
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 250]).latent_dist.mean for i in range(0, pool, 250)])
         before = float(F.mse_loss(vae.decode(latents[:128]).sample, images[:128]))

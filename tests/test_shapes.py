@@ -89,21 +89,8 @@ def test_base_follows_class_and_colour_prompts(base, judge):
     """Every class × colour once (48 prompts, a random background each): the judge must see
     the class and the colour asked for far above chance (1/6, 1/8)."""
     from dreambooth_lora.sampling.session import SamplingSession
-    from dreambooth_lora.sampling.settings import SampleSettings
 
-    session = SamplingSession(base, core.base_path())
-    rng = random.Random(5)
-    asked, images = [], []
-    for shape in world.CLASSES:
-        for color in world.COLORS:
-            background = rng.choice(list(world.BACKGROUNDS))
-            settings = SampleSettings(prompt=f"a photo of a {color} {shape} on a {background} background",
-                                      seed=len(images), steps=20, guidance=4.0, width=64, height=64, sampler="ddim")
-            images += [s.image for s in session.sample(settings)]
-            asked.append((shape, color, background))
-    seen = {head: judge.labels(images, head) for head in HEADS}
-    rate = {head: float(np.mean([s == a[i] for s, a in zip(seen[head], asked)]))
-            for i, head in enumerate(("shape", "color", "background"))}
+    rate, _ = core.prompt_following(SamplingSession(base, core.base_path()), judge, guidance=4.0)
     print("base prompt following:", rate)
     assert rate["shape"] > SHAPE_RATE and rate["color"] > COLOR_RATE and rate["background"] > BACKGROUND_RATE, rate
 
